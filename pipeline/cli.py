@@ -1,0 +1,108 @@
+"""Command line: python -m pipeline {precompute,train,verify} [--preset NAME] [--config FILE] [--<option> VALUE ...]
+
+Every Config field is an option (`--lr 1e-4`, `--k 3`, `--text-pair-column hypothesis`); values are validated once
+when the Config is built. Bad input exits with status 2 and a one-paragraph message, never a library traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import MISSING, fields
+
+from .config import PRESETS, Config, make_config
+from .errors import PipelineError
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _optional_str(v: str):
+    return None if v.lower() in ("none", "") else v
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": _bool, "Optional[str]": _optional_str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("precompute", "run the frozen bottom once and write the HDF5 cache"),
+                        ("train", "fine-tune the top layers + head from the cache"),
+                        ("verify", "compare full-model logits with cache + top on real cached examples")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)}")
+        p.add_argument("--config", help="JSON file of Config fields (applied after the preset, before options)")
+        if name == "precompute":
+            p.add_argument("--force", action="store_true", help="rebuild the cache even if an up-to-date one exists")
+        else:
+            p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
+        if name == "verify":
+            p.add_argument("--samples", type=int, default=64, help="cached examples to check")
+        opts = p.add_argument_group("config options (defaults come from the preset)")
+        for f in fields(Config):
+            if f.name == "preset":
+                continue
+            default = f.default if f.default is not MISSING else None
+            opts.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_TYPES[str(f.type)],
+                              default=argparse.SUPPRESS, metavar=str(f.type).upper().replace("OPTIONAL[STR]", "STR"),
+                              help=f"(default: {default})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {}
+    if args.config:
+        try:
+            with open(args.config) as fh:
+                overrides.update(json.load(fh))
+        except (OSError, json.JSONDecodeError) as e:
+            raise PipelineError(f"cannot read --config {args.config!r}: {e}") from None
+    overrides.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    overrides.pop("preset", None)
+    return make_config(args.preset, **overrides)
+
+
+def quiet_libraries() -> None:
+    """transformers 5 prints load reports and progress bars; datasets prints progress bars. Keep the CLI clean."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        cfg = config_from_args(args)
+        if args.command == "precompute":
+            from .precompute import precompute
+
+            precompute(cfg, force=args.force)
+        elif args.command == "train":
+            from .train import train
+
+            train(cfg, cache_path=args.cache)
+        else:
+            from .verify import verify
+
+            verify(cfg, cache_path=args.cache, samples=args.samples)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

