@@ -144,8 +144,9 @@ def load_full_model(cfg: Config, num_labels: int, label_names=None) -> nn.Module
             overrides["label2id"] = {n: i for i, n in enumerate(label_names)}
     path, mconf = load_model_config(cfg, **overrides)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    # ignore_mismatched_sizes: a checkpoint whose head has another number of labels gets a fresh head
     return AutoModelForSequenceClassification.from_pretrained(
-        path, config=mconf, trust_remote_code=cfg.trust_remote_code, **kwargs
+        path, config=mconf, trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True, **kwargs
     )
 
 

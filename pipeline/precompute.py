@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import platform
 import time
 
@@ -76,7 +77,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None) -> s
             a["versions_json"] = json.dumps(library_versions())
             a["created_unix"] = time.time()
             bar = tqdm(total=sum(len(ix) for ix in data.splits.values()), desc=f"precompute k={cfg.k}",
-                       unit="ex", dynamic_ncols=True)
+                       unit="ex", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
             for split, idx in data.splits.items():
                 n_tok = _write_split(f, split, idx, data, tokenizer, bottom, cfg, dtype, hidden_size, device, bar)
                 totals["examples"] += len(idx)

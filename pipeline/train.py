@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -63,7 +64,10 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
+    # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
     model, digest = load_top(cfg, info.num_labels, info.label_names)
@@ -107,7 +111,7 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     model.train()
     for epoch in range(1, cfg.epochs + 1):
         t0, tokens, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15,
                    disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):

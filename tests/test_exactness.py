@@ -1,0 +1,90 @@
+"""Cache + top model == full model with the bottom frozen: logits and gradients, through the real precompute/HDF5 path."""
+import copy
+import re
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from pipeline.cache import CachedSplit, collate, open_cache
+from pipeline.model import bottom_weights_sha256, get_layers, load_full_model, load_tokenizer, split_top
+from pipeline.precompute import precompute
+
+from conftest import tiny_cfg
+
+
+def _full_and_top(cfg, info):
+    set_seed(0)
+    full = load_full_model(cfg, info.num_labels, info.label_names).eval()
+    top = split_top(copy.deepcopy(full), cfg.k).eval()
+    return full, top
+
+
+def _batch(cfg, path, n=12):
+    """The same n validation examples two ways: token ids for the full model, cached states for the top."""
+    ds = CachedSplit(path, "validation", cfg.k)
+    items = [ds[i] for i in range(n)]
+    with h5py.File(path) as f:
+        ids = f["validation/input_ids"][:]
+        tt = f["validation/token_type_ids"][:] if "validation/token_type_ids" in f else None
+    feats = {"input_ids": [ids[ds.offsets[i]:ds.offsets[i + 1]].tolist() for i in range(n)]}
+    if tt is not None:
+        feats["token_type_ids"] = [tt[ds.offsets[i]:ds.offsets[i + 1]].tolist() for i in range(n)]
+    enc = load_tokenizer(cfg).pad(feats, return_tensors="pt")
+    return enc, collate(items)
+
+
+@pytest.mark.parametrize("model_type,k", [("bert", 1), ("bert", 0), ("roberta", 2), ("distilbert", 1),
+                                          ("electra", 1), ("xlm-roberta", 1)])
+def test_logits_and_grads_match_full_model(tmp_path, tiny_model, small_csv, model_type, k):
+    cfg = tiny_cfg(tmp_path, tiny_model(model_type), small_csv, k=k, cache_dtype="float32")
+    path = precompute(cfg)
+    info = open_cache(path, cfg)
+    full, top = _full_and_top(cfg, info)
+    assert info.weights_sha256 == bottom_weights_sha256(full.base_model, k)
+    enc, batch = _batch(cfg, path)
+    assert torch.equal(batch["attention_mask"], enc["attention_mask"])
+
+    # logits
+    with torch.no_grad():
+        ref = full(**enc).logits
+        got = top(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
+    assert ref.shape == got.shape == (12, 2)
+    assert (ref - got).abs().max().item() <= 1e-5
+
+    # gradients: the usual recipe (requires_grad=False on embeddings + layers [0, k)) vs the top from the cache
+    full.base_model.embeddings.requires_grad_(False)
+    if hasattr(full.base_model, "embeddings_project"):
+        full.base_model.embeddings_project.requires_grad_(False)
+    for layer in list(get_layers(full.base_model, full.config.model_type))[:k]:
+        layer.requires_grad_(False)
+    full(**enc, labels=batch["labels"]).loss.backward()
+    top(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+        labels=batch["labels"]).loss.backward()
+    full_grads = {n: p.grad for n, p in full.named_parameters() if p.requires_grad}
+    top_grads = {re.sub(r"layer\.(\d+)\.", lambda m: f"layer.{int(m.group(1)) + k}.", n): p.grad
+                 for n, p in top.named_parameters()}
+    assert set(full_grads) == set(top_grads)
+    for name, g in full_grads.items():
+        assert g is not None and top_grads[name] is not None, name
+        assert (g - top_grads[name]).abs().max().item() <= 1e-5, name
+
+
+def test_fp16_cache_is_close_and_half_the_size(tmp_path, tiny_model, small_csv):
+    cfg16 = tiny_cfg(tmp_path, tiny_model("bert"), small_csv, cache_dtype="float16")
+    cfg32 = tiny_cfg(tmp_path, tiny_model("bert"), small_csv, cache_dtype="float32")
+    p16, p32 = precompute(cfg16), precompute(cfg32)
+    with h5py.File(p16) as a, h5py.File(p32) as b:
+        h16, h32 = a["train/layer_1/hidden"], b["train/layer_1/hidden"]
+        assert h16.dtype == np.float16 and h32.dtype == np.float32
+        assert h16.shape == h32.shape
+        np.testing.assert_allclose(h16[:].astype(np.float32), h32[:], atol=2e-3, rtol=1e-3)
+    info = open_cache(p16, cfg16)
+    full, top = _full_and_top(cfg16, info)
+    enc, batch = _batch(cfg16, p16)
+    with torch.no_grad():
+        diff = (full(**enc).logits - top(inputs_embeds=batch["inputs_embeds"].float(),
+                                         attention_mask=batch["attention_mask"]).logits).abs().max().item()
+    assert diff < 1e-3
