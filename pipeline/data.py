@@ -125,7 +125,8 @@ def load_labeled(cfg: Config) -> LabeledData:
         if before != len(ds):
             print(f"data: dropped {before - len(ds)} of {before} rows labeled {sorted(excluded)} (exclude_labels)")
     if len(ds) == 0:
-        raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty; choose a split with examples.")
+        why = f" after dropping rows labeled {cfg.exclude_labels!r} (--exclude-labels)" if cfg.exclude_labels else ""
+        raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty{why}; choose a split with examples.")
     texts = list(ds[cfg.text_column])
     _check_texts(texts, cfg.text_column)
     pairs = None
