@@ -99,7 +99,13 @@ class CachedSplit(torch.utils.data.Dataset):
             self.lengths = g["lengths"][:]
             self.labels = g["labels"][:]
             self.example_ids = g["example_ids"][:]
-            self._hidden = f[self.key][:] if in_memory else None
+            ds = f[self.key]
+            need = ds.size * ds.dtype.itemsize
+            if in_memory and need > 0.5 * _available_ram():
+                print(f"cache: {split} states need {need / 2**30:.1f} GiB, more than half the free RAM; "
+                      f"reading from {path} per batch instead of loading into memory")
+                in_memory = False
+            self._hidden = ds[:] if in_memory else None
         self._file = None
 
     def __len__(self):
@@ -120,6 +126,13 @@ class CachedSplit(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_file"] = None
         return state
+
+
+def _available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown platform: trust the user's in_memory setting
 
 
 def collate(items):
