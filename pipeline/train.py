@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from scipy.stats import pearsonr
@@ -67,6 +68,9 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # Several runs in one process (tests, sweeps) may differ in mixed precision: Accelerate keeps that in a
+    # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
     set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG

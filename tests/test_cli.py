@@ -147,3 +147,13 @@ def test_training_is_deterministic_with_a_seed(tmp_path, tiny_model, small_csv):
     key = "classifier.weight"
     assert (wa.get_tensor(key) == wb.get_tensor(key)).all() and a == {**b, "run_dir": a["run_dir"]}
     assert not (wa.get_tensor(key) == wc.get_tensor(key)).all()
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path, tiny_model, small_csv):
+    cfg = tiny_cfg(tmp_path, tiny_model("bert"), small_csv, max_steps=3, grad_accum=2, mixed_precision="bf16",
+                   run_name="bf16", group_by_length=False, num_workers=2, in_memory=False)
+    precompute(cfg)
+    result = train(cfg)
+    rec = json.loads(open(tmp_path / "runs" / "bf16" / "metrics.jsonl").readline())
+    assert rec["step"] == 3 and 0 <= result["accuracy"] <= 1  # 3 optimizer steps = 6 batches of 8
+    assert rec["train_tokens_per_s"] > 0
