@@ -36,6 +36,7 @@ class Config:
     text_pair_column: Optional[str] = opt(None, "second text column for pair tasks (NLI, paraphrase)")
     label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression")
     exclude_labels: Optional[str] = opt("plot", "comma-separated label values whose rows are dropped first")
+    max_examples: int = opt(0, "if > 0, a fixed-seed random subset of this many rows (after exclude_labels)")
     task: str = opt("classification", "classification | regression (num_labels=1, MSE loss)")
     val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
     test_fraction: float = opt(0.1, "test share kept aside, never used for training or model selection")
@@ -88,6 +89,8 @@ class Config:
             problems.append(f"lr={self.lr} must be > 0")
         if not (0 <= self.warmup_ratio < 1):
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.max_examples < 0:
+            problems.append(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if not self.text_column or not self.label_column:
@@ -98,8 +101,8 @@ class Config:
     # Fields that determine the cache contents; a cache is valid for a config iff these match.
     CACHE_FIELDS = (
         "model", "k", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
-        "text_pair_column", "label_column", "exclude_labels", "task", "val_fraction", "test_fraction", "split_seed",
-        "max_length", "cache_dtype",
+        "text_pair_column", "label_column", "exclude_labels", "max_examples", "task", "val_fraction",
+        "test_fraction", "split_seed", "max_length", "cache_dtype",
     )
 
     def to_dict(self) -> dict:

@@ -127,6 +127,8 @@ def load_labeled(cfg: Config) -> LabeledData:
     if len(ds) == 0:
         why = f" after dropping rows labeled {cfg.exclude_labels!r} (--exclude-labels)" if cfg.exclude_labels else ""
         raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty{why}; choose a split with examples.")
+    if 0 < cfg.max_examples < len(ds):
+        ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_examples))
     texts = list(ds[cfg.text_column])
     _check_texts(texts, cfg.text_column)
     pairs = None

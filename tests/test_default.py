@@ -42,3 +42,12 @@ def test_verify_on_real_minilm_cache(tmp_path):
         assert result["examples"] == 24
         assert result["max_abs_logit_diff"] <= bound, (dtype, result)
     assert result["max_abs_logit_diff"] > 0  # fp16 storage does round: the check is not vacuous
+
+
+def test_max_examples_takes_a_fixed_random_subset():
+    cfg = make_config(max_examples=1000)
+    data = load_labeled(cfg)
+    assert len(data.texts) == 1000 and sum(len(v) for v in data.splits.values()) == 1000
+    assert data.texts == load_labeled(cfg).texts  # fixed seed
+    assert data.texts != load_labeled(replace(cfg, split_seed=3)).texts
+    assert 0.5 < (data.labels == 0).mean() < 0.66  # a random subset, not the file's first rows
