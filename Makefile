@@ -10,7 +10,7 @@ DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2
 PRESET ?= default
 ARGS ?=
 
-.PHONY: setup data precompute train verify test clean-cache
+.PHONY: setup data precompute train verify bench test clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
 # torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
@@ -37,6 +37,11 @@ train: $(STAMP) $(DATA)
 
 verify: $(STAMP) $(DATA)
 	$(PY) -m pipeline verify --preset $(PRESET) $(ARGS)
+
+# Side-by-side benchmark (HF Trainer / plain loop / ours / limit); BENCH_ARGS="--shape bert-base --samples 1000"
+BENCH_ARGS ?=
+bench: $(STAMP) $(DATA)
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q tests

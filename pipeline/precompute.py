@@ -37,6 +37,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None) -> s
             return out
         except PipelineError as e:
             raise PipelineError(f"{e}\n(existing file {out}; use --force to rebuild it)") from None
+    t_start = time.perf_counter()
     _, mconf = load_model_config(cfg)  # fails fast on unknown model / unsupported architecture / bad k
     data = load_labeled(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -49,7 +50,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None) -> s
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     tmp = out + ".tmp"
     t0 = time.perf_counter()
-    totals = {"examples": 0, "tokens": 0}
+    totals = {"examples": 0, "tokens": 0, "loop_seconds": 0.0}
     try:
         with h5py.File(tmp, "w") as f:
             a = f.attrs
@@ -79,10 +80,14 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None) -> s
             bar = tqdm(total=sum(len(ix) for ix in data.splits.values()), desc=f"precompute k={cfg.k}",
                        unit="ex", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
             for split, idx in data.splits.items():
+                t_split = time.perf_counter()
                 n_tok = _write_split(f, split, idx, data, tokenizer, bottom, cfg, dtype, hidden_size, device, bar)
+                totals["loop_seconds"] += time.perf_counter() - t_split
                 totals["examples"] += len(idx)
                 totals["tokens"] += n_tok
             bar.close()
+            # loop_seconds: tokenize + bottom forward + HDF5 writes; seconds: also data and model loading
+            a["stats_json"] = json.dumps({**totals, "seconds": time.perf_counter() - t_start, "device": str(device)})
             a["complete"] = True  # written last: a file without it is never used
         os.replace(tmp, out)
     except BaseException:

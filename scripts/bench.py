@@ -1,0 +1,494 @@
+"""Side-by-side benchmark: the usual frozen-layer recipe vs precompute-once + train-from-cache.
+
+One invocation runs, on the same data, split, seed and batch size, each method in its own fresh process (so that
+peak memory is measured per method):
+  A      HF Trainer on the full model, embeddings + layers [0, k) requires_grad=False, dynamic padding
+  B      a plain PyTorch loop on the same frozen full model (the Trainer's own overhead becomes visible)
+  ours   `precompute` once, then `train` from the cache: the product's real code path
+  limit  the top model's forward+backward+step on the same batches, pre-collated in memory (no I/O, no collate)
+plus `bottom`, a plain inference_mode forward of the bottom over the same batches (precompute's ceiling), and a
+profile of ours' training step (data, forward, backward, optimizer).
+
+Usage:  python scripts/bench.py [--shape minilm|bert-base|both] [--samples N] [--epochs E] [--batch-size B]
+                                [--quick] [--out DIR]
+Writes DIR/bench.json and DIR/bench.md and prints the Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _child(name, cfg_dict, extra, queue):
+    os.chdir(ROOT)
+    from pipeline.cli import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from pipeline import Config
+
+    cfg = Config.from_dict(cfg_dict)
+    start_rss = current_rss_mb()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        result = METHODS[name](cfg, **extra)
+    except Exception as e:  # report, don't hang the parent
+        import traceback
+
+        queue.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        return
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["rss_after_imports_mb"] = start_rss
+    if torch.cuda.is_available():
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    queue.put(result)
+
+
+def run_isolated(name: str, cfg, **extra) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, cfg.to_dict(), extra, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"{name} failed: {result['error']}\n{result['traceback']}")
+    return result
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tokenized(cfg):
+    """Train/validation token ids of the product's own split (same rows, same order as the cache was built from)."""
+    from pipeline.data import load_labeled
+    from pipeline.model import load_tokenizer
+
+    data = load_labeled(cfg)
+    tok = load_tokenizer(cfg)
+    out = {}
+    for split in ("train", "validation"):
+        idx = data.splits[split]
+        enc = tok([data.texts[i] for i in idx], truncation=True, max_length=cfg.max_length)
+        out[split] = [{**{k: enc[k][j] for k in enc}, "labels": int(data.labels[i])} for j, i in enumerate(idx)]
+    return data, tok, out
+
+
+def _frozen_full_model(cfg, data):
+    from accelerate.utils import set_seed
+
+    from pipeline.model import get_layers, load_full_model
+
+    set_seed(cfg.seed)
+    model = load_full_model(cfg, len(data.label_names), data.label_names)
+    base = model.base_model
+    base.embeddings.requires_grad_(False)
+    for layer in list(get_layers(base, model.config.model_type))[: cfg.k]:
+        layer.requires_grad_(False)
+    return model
+
+
+def _optimizer(model, cfg, steps):
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = ("bias", "LayerNorm.weight")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}], lr=cfg.lr)
+    return opt, get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
+
+
+def _metrics(preds, labels):
+    from pipeline.train import compute_metrics
+
+    return compute_metrics("classification", preds, labels)
+
+
+def _real_tokens(rows):
+    return sum(len(r["input_ids"]) for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def baseline_trainer(cfg):
+    """A: the usual recipe, HF Trainer + DataCollatorWithPadding on the frozen full model."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    data, tok, rows = _tokenized(cfg)
+    model = _frozen_full_model(cfg, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+            num_train_epochs=cfg.epochs, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear",
+            eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", seed=cfg.seed,
+            disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16")
+        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows["train"]),
+                          data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+        t0 = time.perf_counter()
+        trainer.train()
+        secs = time.perf_counter() - t0
+        pred = trainer.predict(Dataset.from_list(rows["validation"]))
+    m = _metrics(np.argmax(pred.predictions, -1), pred.label_ids)
+    tokens = _real_tokens(rows["train"])
+    return {"epoch_s": secs / cfg.epochs, "tokens_per_s": tokens * cfg.epochs / secs, **m}
+
+
+def baseline_loop(cfg):
+    """B: a plain PyTorch loop on the same frozen full model, same collator, optimizer and schedule."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    data, tok, rows = _tokenized(cfg)
+    dev = _device()
+    model = _frozen_full_model(cfg, data).to(dev)
+    collate = DataCollatorWithPadding(tok)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dl = DataLoader(rows["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
+    opt, sched = _optimizer(model, cfg, len(dl) * cfg.epochs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    epoch_s = []
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        for batch in dl:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        _sync()
+        epoch_s.append(time.perf_counter() - t0)
+    model.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(rows["validation"], batch_size=cfg.eval_batch_size, collate_fn=collate):
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            preds.append(model(**batch).logits.argmax(-1).cpu().numpy())
+            labels.append(batch["labels"].cpu().numpy())
+    tokens = _real_tokens(rows["train"])
+    return {"epoch_s": sum(epoch_s) / len(epoch_s), "tokens_per_s": tokens * len(epoch_s) / sum(epoch_s),
+            **_metrics(np.concatenate(preds), np.concatenate(labels))}
+
+
+def ours_precompute(cfg):
+    import h5py
+
+    from pipeline.precompute import precompute
+
+    t0 = time.perf_counter()
+    path = precompute(cfg, force=True)
+    secs = time.perf_counter() - t0
+    with h5py.File(path) as f:
+        stats = json.loads(f.attrs["stats_json"])
+        hidden = int(f.attrs["hidden_size"])
+    size = os.path.getsize(path)
+    return {"precompute_s": secs, "loop_s": stats["loop_seconds"], "tokens": stats["tokens"],
+            "examples": stats["examples"], "cache_bytes": size,
+            "cache_vs_fp16_states": size / (2 * hidden * stats["tokens"]),
+            "loop_tokens_per_s": stats["tokens"] / stats["loop_seconds"]}
+
+
+def ours_train(cfg):
+    from pipeline.train import train
+
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in open(os.path.join(result["run_dir"], "metrics.jsonl"))]
+    secs = [r["train_seconds"] for r in recs]
+    return {"epoch_s": sum(secs) / len(secs), "tokens_per_s": sum(r["train_tokens_per_s"] for r in recs) / len(recs),
+            "run_wall_s": wall, "accuracy": result["accuracy"], "f1": result["f1"]}
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def limit(cfg):
+    """The top's forward+backward+clip+step on ours' exact batches, pre-collated and already on the device."""
+    import torch
+
+    from pipeline.cache import CachedSplit, open_cache
+    from pipeline.model import load_top
+    from pipeline.train import make_loader
+
+    info = open_cache(cfg.cache_path(), cfg)
+    dev = _device()
+    torch.manual_seed(cfg.seed)
+    model, _ = load_top(cfg, info.num_labels, info.label_names)
+    model.to(dev).train()
+    ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory=True)
+    batches = [{k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
+               for b in make_loader(ds, cfg, True, False, cfg.seed)]
+    opt, sched = _optimizer(model, cfg, len(batches) * cfg.epochs)
+    epoch_s = []
+    for _ in range(cfg.epochs):
+        _sync()
+        t0 = time.perf_counter()
+        for b in batches:
+            loss = model(**b).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        _sync()
+        epoch_s.append(time.perf_counter() - t0)
+    tokens = int(ds.lengths.sum())
+    return {"epoch_s": sum(epoch_s) / len(epoch_s), "tokens_per_s": tokens * len(epoch_s) / sum(epoch_s)}
+
+
+def bottom_forward(cfg):
+    """Precompute's ceiling: the bottom's inference_mode forward over length-sorted, pre-padded batches."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import load_labeled
+    from pipeline.model import load_bottom, load_tokenizer
+
+    data = load_labeled(cfg)
+    tok = load_tokenizer(cfg)
+    dev = _device()
+    bottom = load_bottom(cfg).to(dev)
+    idx = np.concatenate(list(data.splits.values()))
+    enc = tok([data.texts[i] for i in idx], truncation=True, max_length=cfg.max_length)
+    order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+    bs = cfg.precompute_batch_size
+    batches = [tok.pad({k: [enc[k][i] for i in order[s:s + bs]] for k in enc}, return_tensors="pt")
+               for s in range(0, len(order), bs)]
+    batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    _sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            bottom(**b)
+    _sync()
+    secs = time.perf_counter() - t0
+    return {"forward_s": secs, "tokens_per_s": tokens / secs}
+
+
+def profile(cfg, steps=40):
+    """Where ours' training step spends its time: data (read + collate), forward, backward, optimizer."""
+    import torch
+
+    from pipeline.cache import CachedSplit, open_cache
+    from pipeline.model import load_top
+    from pipeline.train import make_loader
+
+    info = open_cache(cfg.cache_path(), cfg)
+    dev = _device()
+    out = {}
+    for mode, in_memory in (("in_memory", True), ("hdf5_reads", False)):
+        torch.manual_seed(cfg.seed)
+        model, _ = load_top(cfg, info.num_labels, info.label_names)
+        model.to(dev).train()
+        opt, _ = _optimizer(model, cfg, steps)
+        loader = make_loader(CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory), cfg, True, False, cfg.seed)
+        t = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        it = iter(loader)
+        n = 0
+        while n < steps:
+            t0 = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                it = iter(loader)
+                continue
+            b = {k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
+            _sync()
+            t1 = time.perf_counter()
+            loss = model(**b).loss
+            _sync()
+            t2 = time.perf_counter()
+            loss.backward()
+            _sync()
+            t3 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync()
+            t4 = time.perf_counter()
+            for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                t[key] += dt
+            n += 1
+        total = sum(t.values())
+        out[mode] = {k: {"ms_per_step": 1000 * v / steps, "share": v / total} for k, v in t.items()}
+    return out
+
+
+METHODS = {f.__name__: f for f in (baseline_trainer, baseline_loop, ours_precompute, ours_train, limit,
+                                   bottom_forward, profile)}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def make_bert_base(folder: str) -> str:
+    """A randomly initialised bert-base shape (12 layers, hidden 768) with the MiniLM WordPiece tokenizer (the same
+    uncased 30,522-token vocabulary), saved locally: timing needs the shape, not trained weights."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.config import PACKAGED_MINILM
+    from pipeline.model import resolve_model_path
+
+    path = os.path.join(folder, "bert-base-random")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(0)
+        BertForSequenceClassification(BertConfig()).save_pretrained(path)
+        AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM)).save_pretrained(path)
+    return path
+
+
+def bench_shape(shape: str, args, workdir: str) -> dict:
+    from pipeline import make_config
+    from pipeline.config import PACKAGED_MINILM
+
+    model, k = (PACKAGED_MINILM, 4) if shape == "minilm" else (make_bert_base(workdir), 10)
+    cfg = make_config(
+        "default", model=model, k=k, max_examples=math.ceil(args.samples / 0.8), val_fraction=0.1,
+        test_fraction=0.1, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        cache_dir=os.path.join(workdir, "cache"), runs_dir=os.path.join(workdir, "runs"), run_name=f"ours-{shape}",
+        mixed_precision=args.mixed_precision, group_by_length=not args.no_group_by_length)
+    r = {"shape": shape, "model": cfg.model if shape == "minilm" else "bert-base (random init)", "k": k}
+    for name in ("bottom_forward", "ours_precompute", "ours_train", "limit", "baseline_loop", "baseline_trainer"):
+        t0 = time.perf_counter()
+        r[name] = run_isolated(name, cfg)
+        print(f"  [{shape}] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if not args.quick:
+        r["profile"] = run_isolated("profile", cfg)
+    return _ratios(r, args)
+
+
+def _ratios(r: dict, args) -> dict:
+    a, b, ours, lim = r["baseline_trainer"], r["baseline_loop"], r["ours_train"], r["limit"]
+    pre = r["ours_precompute"]["precompute_s"]
+    n = 8
+    r["ratios"] = {
+        "epoch_speedup_vs_A": a["epoch_s"] / ours["epoch_s"],
+        "epoch_speedup_vs_B": b["epoch_s"] / ours["epoch_s"],
+        "ours_vs_limit": ours["epoch_s"] / lim["epoch_s"],
+        "precompute_vs_plain_forward": r["ours_precompute"]["loop_tokens_per_s"] / r["bottom_forward"]["tokens_per_s"],
+        "cache_size_vs_fp16_states": r["ours_precompute"]["cache_vs_fp16_states"],
+        "train_peak_rss_vs_A": ours["peak_rss_mb"] / a["peak_rss_mb"],
+        "train_rss_growth_vs_A": (ours["peak_rss_mb"] - ours["rss_after_imports_mb"])
+        / (a["peak_rss_mb"] - a["rss_after_imports_mb"]),
+        "break_even_epochs_vs_B": (math.floor(pre / (b["epoch_s"] - ours["epoch_s"])) + 1
+                                   if b["epoch_s"] > ours["epoch_s"] else None),
+        "sweep8_cost_ratio_B_over_ours": n * b["epoch_s"] / (pre + n * ours["epoch_s"]),
+        "sweep8_cost_ratio_A_over_ours": n * a["epoch_s"] / (pre + n * ours["epoch_s"]),
+        "accuracy_diff_vs_A_points": 100 * (ours["accuracy"] - a["accuracy"]),
+    }
+    return r
+
+
+def markdown(results: list, meta: dict) -> str:
+    lines = [f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; command: `{meta['command']}`", ""]
+    for r in results:
+        pre = r["ours_precompute"]
+        lines += [f"### {r['shape']} ({r['model']}, k={r['k']} frozen; {pre['examples']} examples, "
+                  f"{pre['tokens']} tokens incl. validation/test)", "",
+                  "| method | precompute s | s/epoch | tokens/s | peak RSS MiB | accuracy | F1 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        rows = [("A: HF Trainer, frozen full model", None, r["baseline_trainer"]),
+                ("B: plain loop, frozen full model", None, r["baseline_loop"]),
+                ("ours: precompute + train from cache", pre["precompute_s"], r["ours_train"]),
+                ("limit: top fwd+bwd, batches in memory", None, r["limit"])]
+        for name, p, m in rows:
+            acc = f"{m['accuracy']:.4f}" if "accuracy" in m else "-"
+            f1 = f"{m['f1']:.4f}" if "f1" in m else "-"
+            cuda = f" (CUDA {m['cuda_peak_mb']:.0f})" if "cuda_peak_mb" in m else ""
+            lines.append(f"| {name} | {p and f'{p:.1f}' or '-'} | {m['epoch_s']:.2f} | {m['tokens_per_s']:.0f} | "
+                         f"{m['peak_rss_mb']:.0f}{cuda} | {acc} | {f1} |")
+        bf = r["bottom_forward"]
+        lines += ["", f"Plain bottom forward: {bf['tokens_per_s']:.0f} tok/s; precompute loop (tokenize + forward + "
+                      f"HDF5 write): {pre['loop_tokens_per_s']:.0f} tok/s; cache {pre['cache_bytes'] / 2**20:.1f} MiB.",
+                  "", "| ratio | value |", "| --- | --- |"]
+        for k, v in r["ratios"].items():
+            lines.append(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        if "profile" in r:
+            lines += ["", "Profile of ours' training step (ms per step, share):", "",
+                      "| data path | data | forward | backward | optimizer |", "| --- | --- | --- | --- | --- |"]
+            for mode, p in r["profile"].items():
+                lines.append(f"| {mode} | " + " | ".join(f"{p[k]['ms_per_step']:.1f} ({100 * p[k]['share']:.0f}%)"
+                                                         for k in ("data", "forward", "backward", "optimizer")) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=("minilm", "bert-base", "both"), default="both")
+    ap.add_argument("--samples", type=int, default=2000, help="training examples (validation/test add 10%% each)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    ap.add_argument("--no-group-by-length", action="store_true", help="ours without length-grouped batches")
+    ap.add_argument("--quick", action="store_true", help="tiny run that checks the benchmark works (no profile)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "cache", "bench"))
+    ap.add_argument("--workdir", help="where caches/models go (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples = min(args.samples, 48)
+    shapes = ("minilm", "bert-base") if args.shape == "both" else (args.shape,)
+    import torch
+
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU only"),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or tmp
+        results = [bench_shape(s, args, workdir) for s in shapes]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+        json.dump({"meta": meta, "args": vars(args), "results": results}, fh, indent=2)
+    md = markdown(results, meta)
+    with open(os.path.join(args.out, "bench.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    return results
+
+
+if __name__ == "__main__":
+    main()
