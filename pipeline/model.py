@@ -7,6 +7,7 @@ computes the same logits as the full model.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import os
@@ -14,6 +15,7 @@ import re
 
 import torch
 from torch import nn
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import Config
@@ -29,6 +31,9 @@ SUPPORTED_LAYERS = {
     "distilbert": "transformer.layer",
 }
 _LAYER_KEY = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.")
+# a layer weight in a checkpoint file, with or without the base-model prefix ("bert.", "distilbert.", ...)
+_FILE_LAYER_KEY = re.compile(r"^(?:\w+\.)?(?:encoder|transformer)\.layer\.(\d+)\.(.+)$")
+_FILE_BOTTOM_KEY = re.compile(r"^(?:\w+\.)?(?:embeddings\.|embeddings_project\.)")
 
 
 class PassThroughEmbeddings(nn.Module):
@@ -105,10 +110,8 @@ def get_layers(base: nn.Module, model_type: str) -> nn.ModuleList:
 
 
 def bottom_weights_sha256(base: nn.Module, k: int) -> str:
-    """Hash of exactly the frozen weights: embeddings (+ ELECTRA's projection) and encoder layers [0, k).
-
-    Gives the same value on a bottom model and on the base of a full model, so training can check that the cache
-    was built from the weights it is about to use."""
+    """Hash of exactly the frozen weights of a loaded model: embeddings (+ ELECTRA's projection) and encoder layers
+    [0, k). Used for checkpoints that are not local safetensors folders (see frozen_weights_sha256)."""
     h = hashlib.sha256()
     for name, t in sorted(base.state_dict().items()):
         m = _LAYER_KEY.match(name)
@@ -117,6 +120,45 @@ def bottom_weights_sha256(base: nn.Module, k: int) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def safetensors_files(cfg: Config) -> list:
+    """The checkpoint's safetensors files when the model is a local folder (the packaged default, save_pretrained
+    output), else [] (Hub ids, .bin checkpoints): those take the load-the-whole-model path."""
+    path = resolve_model_path(cfg.model)
+    return sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
+
+
+def _file_tensor_keys(files):
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                yield f, key
+
+
+def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
+    """sha256 of the frozen weights (embeddings + layers [0, k)) that a cache was built from.
+
+    For a local safetensors checkpoint it streams the stored tensors one at a time (no model needed, little
+    memory); otherwise it hashes the given loaded (bottom or full) base model. Precompute and train call this same
+    function, so a cache built from other weights is detected before training."""
+    files = safetensors_files(cfg)
+    if not files:
+        if base is None:
+            raise ValueError("a loaded base model is needed to hash a non-safetensors checkpoint")
+        return "model:" + bottom_weights_sha256(base, cfg.k)
+    h = hashlib.sha256()
+    selected = []
+    for f, key in _file_tensor_keys(files):
+        m = _FILE_LAYER_KEY.match(key)
+        if (m and int(m.group(1)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
+            selected.append((key, f))
+    for key, f in sorted(selected):
+        with safe_open(f, "pt") as st:
+            t = st.get_tensor(key)
+        h.update(key.encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "file:" + h.hexdigest()
 
 
 def load_bottom(cfg: Config) -> nn.Module:
@@ -131,7 +173,7 @@ def load_bottom(cfg: Config) -> nn.Module:
     return bottom.eval()
 
 
-def load_full_model(cfg: Config, num_labels: int, label_names=None) -> nn.Module:
+def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_layers: int | None = None) -> nn.Module:
     """The whole *ForSequenceClassification model; its head is initialised from the current torch RNG if the
     checkpoint has none (seed first for reproducibility)."""
     overrides = {"num_labels": num_labels}
@@ -143,6 +185,8 @@ def load_full_model(cfg: Config, num_labels: int, label_names=None) -> nn.Module
             overrides["id2label"] = dict(enumerate(label_names))
             overrides["label2id"] = {n: i for i, n in enumerate(label_names)}
     path, mconf = load_model_config(cfg, **overrides)
+    if num_hidden_layers is not None:  # the lean top: load only the first num_hidden_layers layers
+        mconf.num_hidden_layers = num_hidden_layers
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     # ignore_mismatched_sizes: a checkpoint whose head has another number of labels gets a fresh head
     return AutoModelForSequenceClassification.from_pretrained(
@@ -168,8 +212,40 @@ def split_top(full: nn.Module, k: int) -> nn.Module:
     return full
 
 
+def _load_top_lean(cfg: Config, num_labels: int, label_names, files: list) -> nn.Module | None:
+    """Build the top without materialising the frozen layers: load the model with L-k layers (embeddings, pooler
+    and head come out right; its layers are checkpoint layers [0, L-k), the wrong ones), then overwrite every layer
+    weight with checkpoint layer i+k read from the safetensors files. Returns None if the checkpoint's layer keys do
+    not map one to one onto the model's (legacy names, other layouts): the caller then takes the full-load path."""
+    _, mconf = load_model_config(cfg)
+    n_layers = mconf.num_hidden_layers
+    lean = load_full_model(cfg, num_labels, label_names, num_hidden_layers=n_layers - cfg.k)
+    layers = get_layers(lean.base_model, lean.config.model_type)
+    wanted = layers.state_dict()
+    found = {}
+    for f, key in _file_tensor_keys(files):
+        m = _FILE_LAYER_KEY.match(key)
+        if m and int(m.group(1)) >= cfg.k:
+            found[f"{int(m.group(1)) - cfg.k}.{m.group(2)}"] = (f, key)
+    if set(found) != set(wanted):
+        return None
+    state = {}
+    for name, (f, key) in found.items():
+        with safe_open(f, "pt") as st:
+            state[name] = st.get_tensor(key)
+        if state[name].shape != wanted[name].shape:
+            return None
+    layers.load_state_dict(state)
+    return split_top(lean, 0)
+
+
 def load_top(cfg: Config, num_labels: int, label_names=None):
-    """Returns (top model, sha256 of the bottom weights it was cut from)."""
+    """Returns (top model, frozen_weights_sha256 of the weights it sits on)."""
+    files = safetensors_files(cfg)
+    if files:
+        top = _load_top_lean(cfg, num_labels, label_names, files)
+        if top is not None:
+            return top, frozen_weights_sha256(cfg)
     full = load_full_model(cfg, num_labels, label_names)
-    digest = bottom_weights_sha256(full.base_model, cfg.k)
+    digest = frozen_weights_sha256(cfg, full.base_model)  # before split_top drops the frozen part
     return split_top(full, cfg.k), digest

@@ -19,7 +19,7 @@ from . import cache as C
 from .config import Config
 from .data import load_labeled
 from .errors import PipelineError
-from .model import bottom_weights_sha256, load_bottom, load_model_config, load_tokenizer, tokenizer_sha256
+from .model import frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer, tokenizer_sha256
 
 
 def library_versions() -> dict:
@@ -65,7 +65,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None) -> s
             a["k"] = cfg.k
             a["depths_json"] = json.dumps([cfg.k])
             a["dtype"] = cfg.cache_dtype
-            a["weights_sha256"] = bottom_weights_sha256(bottom, cfg.k)
+            a["weights_sha256"] = frozen_weights_sha256(cfg, bottom)
             a["tokenizer_json"] = json.dumps({
                 "class": type(tokenizer).__name__, "name_or_path": cfg.model, "sha256": tokenizer_sha256(tokenizer),
                 "max_length": cfg.max_length, "truncation": True, "padding": "none (ragged storage)",
