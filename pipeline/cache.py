@@ -8,8 +8,8 @@ Layout (format_version 1), one file per (model, k, data, tokenizer settings, dty
   /<split>/lengths        int32 [N]    real tokens per example (no padding is stored)
   /<split>/labels         int64 [N] (classification) | float32 [N] (regression)
   /<split>/example_ids    int64 [N]    row of the example in the loaded source split
-  /<split>/input_ids      int32 [T]    token ids (lets `verify` recompute rows without the source data)
-  /<split>/token_type_ids int8  [T]    only for tokenizers that produce them
+  /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify` recompute rows without the source data)
+  /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
   /<split>/layer_<k>/hidden  float16|float32 [T, hidden], chunked by rows: hidden state after layer k
 Examples are stored sorted by length (stable), so contiguous rows have similar lengths.
 """
@@ -31,8 +31,12 @@ CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: large sequential reads, small enough
 RDCC_NBYTES = 64 << 20  # HDF5 chunk cache per open file (default is 1 MiB)
 
 
-def chunk_rows(hidden_size: int, itemsize: int) -> int:
-    return max(1, CHUNK_BYTES // (hidden_size * itemsize))
+def chunk_shape(total_rows: int, hidden_size: int, itemsize: int) -> tuple:
+    """Row chunks of at most ~1 MiB, sized so that they tile the array almost exactly (HDF5 allocates whole
+    chunks: a fixed size would waste up to one chunk per split)."""
+    target = max(1, CHUNK_BYTES // (hidden_size * itemsize))
+    n_chunks = max(1, -(-total_rows // target))
+    return (max(1, -(-total_rows // n_chunks)), hidden_size)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import re
 
@@ -129,19 +130,29 @@ def safetensors_files(cfg: Config) -> list:
     return sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
 
 
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}) and where its data starts.
+    The format is an 8-byte little-endian header size, the header, then the raw tensor bytes."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
 def _file_tensor_keys(files):
     for f in files:
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                yield f, key
+        for key in _safetensors_header(f)[0]:
+            yield f, key
 
 
 def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
     """sha256 of the frozen weights (embeddings + layers [0, k)) that a cache was built from.
 
-    For a local safetensors checkpoint it streams the stored tensors one at a time (no model needed, little
-    memory); otherwise it hashes the given loaded (bottom or full) base model. Precompute and train call this same
-    function, so a cache built from other weights is detected before training."""
+    For a local safetensors checkpoint it hashes the stored bytes of exactly those tensors with plain file reads
+    (no model, no memory map: the process's memory does not grow with the model); otherwise it hashes the given
+    loaded (bottom or full) base model. Precompute and train call this same function, so a cache built from other
+    weights is detected before training."""
     files = safetensors_files(cfg)
     if not files:
         if base is None:
@@ -149,15 +160,22 @@ def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
         return "model:" + bottom_weights_sha256(base, cfg.k)
     h = hashlib.sha256()
     selected = []
-    for f, key in _file_tensor_keys(files):
-        m = _FILE_LAYER_KEY.match(key)
-        if (m and int(m.group(1)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
-            selected.append((key, f))
-    for key, f in sorted(selected):
-        with safe_open(f, "pt") as st:
-            t = st.get_tensor(key)
-        h.update(key.encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for f in files:
+        header, start = _safetensors_header(f)
+        for key, meta in header.items():
+            m = _FILE_LAYER_KEY.match(key)
+            if (m and int(m.group(1)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
+                selected.append((key, f, start, meta))
+    for key, f, start, meta in sorted(selected, key=lambda x: x[0]):
+        h.update(f"{key}:{meta['dtype']}:{meta['shape']}".encode())
+        lo, hi = meta["data_offsets"]
+        with open(f, "rb") as fh:
+            fh.seek(start + lo)
+            remaining = hi - lo
+            while remaining:
+                block = fh.read(min(remaining, 1 << 22))
+                h.update(block)
+                remaining -= len(block)
     return "file:" + h.hexdigest()
 
 
@@ -173,7 +191,8 @@ def load_bottom(cfg: Config) -> nn.Module:
     return bottom.eval()
 
 
-def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_layers: int | None = None) -> nn.Module:
+def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_layers: int | None = None,
+                    lean: bool = False) -> nn.Module:
     """The whole *ForSequenceClassification model; its head is initialised from the current torch RNG if the
     checkpoint has none (seed first for reproducibility)."""
     overrides = {"num_labels": num_labels}
@@ -187,6 +206,8 @@ def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_l
     path, mconf = load_model_config(cfg, **overrides)
     if num_hidden_layers is not None:  # the lean top: load only the first num_hidden_layers layers
         mconf.num_hidden_layers = num_hidden_layers
+    if lean:  # the top's embeddings are replaced anyway: do not materialise a vocabulary-sized matrix
+        mconf.vocab_size = (mconf.pad_token_id or 0) + 1
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     # ignore_mismatched_sizes: a checkpoint whose head has another number of labels gets a fresh head
     return AutoModelForSequenceClassification.from_pretrained(
@@ -219,7 +240,7 @@ def _load_top_lean(cfg: Config, num_labels: int, label_names, files: list) -> nn
     not map one to one onto the model's (legacy names, other layouts): the caller then takes the full-load path."""
     _, mconf = load_model_config(cfg)
     n_layers = mconf.num_hidden_layers
-    lean = load_full_model(cfg, num_labels, label_names, num_hidden_layers=n_layers - cfg.k)
+    lean = load_full_model(cfg, num_labels, label_names, num_hidden_layers=n_layers - cfg.k, lean=True)
     layers = get_layers(lean.base_model, lean.config.model_type)
     wanted = layers.state_dict()
     found = {}

@@ -117,12 +117,14 @@ def _write_split(f, split, idx, data, tokenizer, bottom, cfg, dtype, hidden_size
     g["lengths"] = lengths
     g["labels"] = data.labels[idx][order]
     g["example_ids"] = idx[order].astype(np.int64)
-    g["input_ids"] = np.concatenate([np.asarray(enc["input_ids"][i], dtype=np.int32) for i in order])
+    # token ids (for verify): uint16 where the vocabulary fits; token types only where a text pair makes them
+    id_dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    g["input_ids"] = np.concatenate([np.asarray(enc["input_ids"][i], dtype=id_dtype) for i in order])
     has_tt = "token_type_ids" in enc
-    if has_tt:
+    if has_tt and any(any(t) for t in enc["token_type_ids"]):
         g["token_type_ids"] = np.concatenate([np.asarray(enc["token_type_ids"][i], dtype=np.int8) for i in order])
     hid = g.create_dataset(f"layer_{cfg.k}/hidden", shape=(total, hidden_size), dtype=dtype,
-                           chunks=(min(C.chunk_rows(hidden_size, dtype.itemsize), max(total, 1)), hidden_size))
+                           chunks=C.chunk_shape(total, hidden_size, dtype.itemsize))
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if has_tt else [])
     t0, done_tok = time.perf_counter(), 0
     bs = cfg.precompute_batch_size
