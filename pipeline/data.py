@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from .config import Config
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
@@ -40,9 +40,9 @@ def load_source(cfg: Config) -> datasets.Dataset:
         else:
             ds = datasets.load_dataset(path, cfg.dataset_config, split=cfg.split)
     except ValueError as e:  # bad split name / slicing
-        raise PipelineError(f"dataset {path!r}: cannot take split {cfg.split!r}: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"dataset {path!r}: cannot take split {cfg.split!r}: {first_line(e)}") from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if os.path.exists(path):
             raise PipelineError(f"cannot read dataset {path!r}: {first}") from None
         raise PipelineError(

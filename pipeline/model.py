@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import Config
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 # model_type -> attribute path of the ModuleList of encoder layers inside the base model
 SUPPORTED_LAYERS = {
@@ -70,7 +70,7 @@ def load_model_config(cfg: Config, **overrides):
     try:
         mconf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
     except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this model"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if os.path.isdir(path):
             raise PipelineError(f"model folder {path!r} has no loadable Hugging Face config ({first}).") from None
         raise PipelineError(
