@@ -140,12 +140,6 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _file_tensor_keys(files):
-    for f in files:
-        for key in _safetensors_header(f)[0]:
-            yield f, key
-
-
 def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
     """sha256 of the frozen weights (embeddings + layers [0, k)) that a cache was built from.
 
@@ -166,16 +160,21 @@ def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
             m = _FILE_LAYER_KEY.match(key)
             if (m and int(m.group(1)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
                 selected.append((key, f, start, meta))
-    for key, f, start, meta in sorted(selected, key=lambda x: x[0]):
-        h.update(f"{key}:{meta['dtype']}:{meta['shape']}".encode())
-        lo, hi = meta["data_offsets"]
-        with open(f, "rb") as fh:
+    handles = {f: open(f, "rb") for f in files}
+    try:
+        for key, f, start, meta in sorted(selected, key=lambda x: x[0]):
+            h.update(f"{key}:{meta['dtype']}:{meta['shape']}".encode())
+            lo, hi = meta["data_offsets"]
+            fh = handles[f]
             fh.seek(start + lo)
             remaining = hi - lo
             while remaining:
                 block = fh.read(min(remaining, 1 << 22))
                 h.update(block)
                 remaining -= len(block)
+    finally:
+        for fh in handles.values():
+            fh.close()
     return "file:" + h.hexdigest()
 
 
@@ -191,10 +190,10 @@ def load_bottom(cfg: Config) -> nn.Module:
     return bottom.eval()
 
 
-def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_layers: int | None = None,
-                    lean: bool = False) -> nn.Module:
+def load_full_model(cfg: Config, num_labels: int, label_names=None, top_layers: int | None = None) -> nn.Module:
     """The whole *ForSequenceClassification model; its head is initialised from the current torch RNG if the
-    checkpoint has none (seed first for reproducibility)."""
+    checkpoint has none (seed first for reproducibility). top_layers=n builds the lean skeleton of the top instead:
+    only the first n layers and a one-row vocabulary (see _load_top_lean)."""
     overrides = {"num_labels": num_labels}
     if cfg.task == "regression":
         overrides["problem_type"] = "regression"
@@ -204,9 +203,9 @@ def load_full_model(cfg: Config, num_labels: int, label_names=None, num_hidden_l
             overrides["id2label"] = dict(enumerate(label_names))
             overrides["label2id"] = {n: i for i, n in enumerate(label_names)}
     path, mconf = load_model_config(cfg, **overrides)
-    if num_hidden_layers is not None:  # the lean top: load only the first num_hidden_layers layers
-        mconf.num_hidden_layers = num_hidden_layers
-    if lean:  # the top's embeddings are replaced anyway: do not materialise a vocabulary-sized matrix
+    if top_layers is not None:
+        mconf.num_hidden_layers = top_layers
+        # the top's embeddings are replaced anyway: do not materialise a vocabulary-sized matrix
         mconf.vocab_size = (mconf.pad_token_id or 0) + 1
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     # ignore_mismatched_sizes: a checkpoint whose head has another number of labels gets a fresh head
@@ -240,22 +239,18 @@ def _load_top_lean(cfg: Config, num_labels: int, label_names, files: list) -> nn
     not map one to one onto the model's (legacy names, other layouts): the caller then takes the full-load path."""
     _, mconf = load_model_config(cfg)
     n_layers = mconf.num_hidden_layers
-    lean = load_full_model(cfg, num_labels, label_names, num_hidden_layers=n_layers - cfg.k, lean=True)
+    lean = load_full_model(cfg, num_labels, label_names, top_layers=n_layers - cfg.k)
     layers = get_layers(lean.base_model, lean.config.model_type)
     wanted = layers.state_dict()
-    found = {}
-    for f, key in _file_tensor_keys(files):
-        m = _FILE_LAYER_KEY.match(key)
-        if m and int(m.group(1)) >= cfg.k:
-            found[f"{int(m.group(1)) - cfg.k}.{m.group(2)}"] = (f, key)
-    if set(found) != set(wanted):
-        return None
     state = {}
-    for name, (f, key) in found.items():
+    for f in files:
         with safe_open(f, "pt") as st:
-            state[name] = st.get_tensor(key)
-        if state[name].shape != wanted[name].shape:
-            return None
+            for key in st.keys():
+                m = _FILE_LAYER_KEY.match(key)
+                if m and int(m.group(1)) >= cfg.k:
+                    state[f"{int(m.group(1)) - cfg.k}.{m.group(2)}"] = st.get_tensor(key)
+    if set(state) != set(wanted) or any(state[n].shape != wanted[n].shape for n in wanted):
+        return None
     layers.load_state_dict(state)
     return split_top(lean, 0)
 

@@ -46,6 +46,16 @@ def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, seed: int)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g, **kwargs)
 
 
+def build_optimizer(model, cfg: Config, total_steps: int):
+    """AdamW (no weight decay on biases and LayerNorm weights) + linear warmup/decay over total_steps."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}], lr=cfg.lr)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+
 def evaluate(model, loader, accelerator, task) -> dict:
     model.eval()
     preds, refs = [], []
@@ -86,15 +96,9 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     train_dl = make_loader(train_ds, cfg, True, pin, cfg.seed)
     val_dl = make_loader(val_ds, cfg, False, pin, cfg.seed)
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
 
     run_dir = os.path.join(cfg.runs_dir, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
@@ -115,8 +119,8 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     model.train()
     for epoch in range(1, cfg.epochs + 1):
         t0, tokens, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15,
-                   disable=not accelerator.is_local_main_process)
+        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15, disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
                 out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],

@@ -115,18 +115,6 @@ def _frozen_full_model(cfg, data):
     return model
 
 
-def _optimizer(model, cfg, steps):
-    import torch
-    from transformers import get_linear_schedule_with_warmup
-
-    no_decay = ("bias", "LayerNorm.weight")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([
-        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}], lr=cfg.lr)
-    return opt, get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
-
-
 def _metrics(preds, labels):
     from pipeline.train import compute_metrics
 
@@ -175,13 +163,15 @@ def baseline_loop(cfg):
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
+    from pipeline.train import build_optimizer
+
     data, tok, rows = _tokenized(cfg)
     dev = _device()
     model = _frozen_full_model(cfg, data).to(dev)
     collate = DataCollatorWithPadding(tok)
     g = torch.Generator().manual_seed(cfg.seed)
     dl = DataLoader(rows["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
-    opt, sched = _optimizer(model, cfg, len(dl) * cfg.epochs)
+    opt, sched = build_optimizer(model, cfg, len(dl) * cfg.epochs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     epoch_s = []
@@ -252,7 +242,7 @@ def limit(cfg):
 
     from pipeline.cache import CachedSplit, open_cache
     from pipeline.model import load_top
-    from pipeline.train import make_loader
+    from pipeline.train import build_optimizer, make_loader
 
     info = open_cache(cfg.cache_path(), cfg)
     dev = _device()
@@ -262,7 +252,7 @@ def limit(cfg):
     ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory=True)
     batches = [{k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
                for b in make_loader(ds, cfg, True, False, cfg.seed)]
-    opt, sched = _optimizer(model, cfg, len(batches) * cfg.epochs)
+    opt, sched = build_optimizer(model, cfg, len(batches) * cfg.epochs)
     epoch_s = []
     for _ in range(cfg.epochs):
         _sync()
@@ -317,7 +307,7 @@ def profile(cfg, steps=40):
 
     from pipeline.cache import CachedSplit, collate, open_cache
     from pipeline.model import load_top
-    from pipeline.train import make_loader
+    from pipeline.train import build_optimizer, make_loader
 
     info = open_cache(cfg.cache_path(), cfg)
     dev = _device()
@@ -326,7 +316,7 @@ def profile(cfg, steps=40):
         torch.manual_seed(cfg.seed)
         model, _ = load_top(cfg, info.num_labels, info.label_names)
         model.to(dev).train()
-        opt, _ = _optimizer(model, cfg, steps)
+        opt, _ = build_optimizer(model, cfg, steps)
         ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory)
         batches = list(make_loader(ds, cfg, True, False, cfg.seed).batch_sampler)
         t = dict.fromkeys(("io", "collate", "forward", "backward", "optimizer"), 0.0)
