@@ -10,7 +10,7 @@ DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2
 PRESET ?= default
 ARGS ?=
 
-.PHONY: setup data precompute train verify bench test clean-cache
+.PHONY: setup data precompute train verify check bench test clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
 # torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
@@ -38,6 +38,10 @@ train: $(STAMP) $(DATA)
 verify: $(STAMP) $(DATA)
 	$(PY) -m pipeline verify --preset $(PRESET) $(ARGS)
 
+# Integrity check of the cache (structure, checksums, NaN/Inf); ARGS="--recompute 32" also recomputes rows
+check: $(STAMP)
+	$(PY) -m pipeline check --preset $(PRESET) $(ARGS)
+
 # Side-by-side benchmark (HF Trainer / plain loop / ours / limit); BENCH_ARGS="--shape bert-base --samples 1000"
 BENCH_ARGS ?=
 bench: $(STAMP) $(DATA)
@@ -47,4 +51,4 @@ test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q tests
 
 clean-cache:
-	rm -f cache/*.h5 cache/*.h5.tmp
+	rm -f cache/*.h5 cache/*.h5.tmp cache/*.h5.lock

@@ -1,20 +1,28 @@
-"""The HDF5 cache: format, validation on open, and a ragged-array torch Dataset with per-batch padding.
+"""The HDF5 cache: format, validation, a full integrity check, and a ragged-array torch Dataset.
 
-Layout (format_version 1), one file per (model, k, data, tokenizer settings, dtype):
-  /                       attrs: format_version, complete, config_json, cache_key_json, model, model_type,
-                                 num_layers, hidden_size, k, depths_json, dtype, weights_sha256, tokenizer_json,
-                                 dataset_fingerprint, num_labels, label_names_json, task, splits_json, versions_json
+Layout (format_version 2), one file per (model, k, data, tokenizer settings, dtype):
+  /                       attrs: format_version, complete, identity_json, config_json, cache_key_json, model,
+                                 model_type, num_layers, hidden_size, k, depths_json, dtype, weights_sha256,
+                                 tokenizer_json, dataset_fingerprint, num_labels, label_names_json, task,
+                                 splits_json, versions_json, created_unix, stats_json, checksums_json
+  /progress               int64 [n_splits]  examples committed per split (splits_json order); resume point
   /<split>/offsets        int64 [N+1]  example i owns rows offsets[i]:offsets[i+1] of every flat array
   /<split>/lengths        int32 [N]    real tokens per example (no padding is stored)
   /<split>/labels         int64 [N] (classification) | float32 [N] (regression)
-  /<split>/example_ids    int64 [N]    row of the example in the loaded source split
-  /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify` recompute rows without the source data)
+  /<split>/example_ids    int64 [N]    row of the example in the loaded source data
+  /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify`/`check` recompute rows without the source)
   /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
-  /<split>/layer_<k>/hidden  float16|float32 [T, hidden], chunked by rows: hidden state after layer k
+  /<split>/layer_<k>/hidden  float16|float32 [T, hidden]: hidden state after layer k, contiguous
 Examples are stored sorted by length (stable), so contiguous rows have similar lengths.
+
+Crash safety: precompute writes `<name>.tmp`. Every array is allocated when the file is laid out, so later writes
+touch raw data only (never HDF5 metadata) and a killed writer leaves a readable file; /progress is advanced only
+after the rows it covers are flushed and fsynced. `complete` and the sha256 of every array (checksums_json) are
+written last, then the file is renamed to `<name>`: a file under the final name is always whole.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,17 +34,9 @@ import torch
 from .config import Config
 from .errors import PipelineError
 
-FORMAT_VERSION = 1
-CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: large sequential reads, small enough for partial reads
-RDCC_NBYTES = 64 << 20  # HDF5 chunk cache per open file (default is 1 MiB)
-
-
-def chunk_shape(total_rows: int, hidden_size: int, itemsize: int) -> tuple:
-    """Row chunks of at most ~1 MiB, sized so that they tile the array almost exactly (HDF5 allocates whole
-    chunks: a fixed size would waste up to one chunk per split)."""
-    target = max(1, CHUNK_BYTES // (hidden_size * itemsize))
-    n_chunks = max(1, -(-total_rows // target))
-    return (max(1, -(-total_rows // n_chunks)), hidden_size)
+FORMAT_VERSION = 2
+RDCC_NBYTES = 64 << 20  # HDF5 chunk cache per open file (default is 1 MiB); harmless for contiguous arrays
+SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
 
 
 @dataclass
@@ -52,27 +52,96 @@ class CacheInfo:
     attrs: dict
 
 
+def read_attrs(f: h5py.File) -> dict:
+    return {key: (v.decode() if isinstance(v, bytes) else v) for key, v in f.attrs.items()}
+
+
+def _rebuild_hint(path: str) -> str:
+    return (f"Run `python -m pipeline check --cache {path}` for a full report; rebuild it with "
+            f"`make precompute ARGS=--force` (with the options that built it).")
+
+
+def _open_h5(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise PipelineError(
+            f"{path} is not a readable cache: HDF5 cannot open it ({e}); it is truncated, corrupted or not an HDF5 "
+            f"file. Delete it and run `make precompute`."
+        ) from None
+
+
+def structure_problems(f: h5py.File, attrs: dict) -> list:
+    """Cheap consistency checks of a finished cache (reads only the small per-example arrays): every array
+    present, shapes and offsets agreeing with each other and with the hidden states, labels in range."""
+    problems = []
+    for key in ("splits_json", "k", "hidden_size", "num_labels", "dtype", "task", "label_names_json", "num_layers",
+                "weights_sha256", "cache_key_json"):
+        if key not in attrs:
+            problems.append(f"attribute {key!r} is missing")
+    if problems:
+        return problems
+    k, hidden_size, num_labels = int(attrs["k"]), int(attrs["hidden_size"]), int(attrs["num_labels"])
+    for split in json.loads(attrs["splits_json"]):
+        if split not in f:
+            problems.append(f"split group /{split} is missing")
+            continue
+        g = f[split]
+        names = list(SPLIT_ARRAYS) + [f"layer_{k}/hidden"]
+        absent = [n for n in names if n not in g]
+        if absent:
+            problems.append(f"/{split} lacks dataset(s) {absent}")
+            continue
+        offsets, lengths = g["offsets"][:], g["lengths"][:]
+        n = len(lengths)
+        hid = g[f"layer_{k}/hidden"]
+        if offsets.shape != (n + 1,) or len(offsets) == 0 or offsets[0] != 0 or np.any(np.diff(offsets) != lengths):
+            problems.append(f"/{split}/offsets ({offsets.shape[0]} entries) do not match /{split}/lengths ({n})")
+            continue
+        total = int(offsets[-1])
+        if hid.shape != (total, hidden_size):
+            problems.append(f"/{split}/layer_{k}/hidden has shape {hid.shape}, offsets say ({total}, {hidden_size})")
+        if hid.dtype != np.dtype(attrs["dtype"]):
+            problems.append(f"/{split}/layer_{k}/hidden has dtype {hid.dtype}, attributes say {attrs['dtype']}")
+        if g["input_ids"].shape != (total,):
+            problems.append(f"/{split}/input_ids has shape {g['input_ids'].shape}, offsets say ({total},)")
+        if "token_type_ids" in g and g["token_type_ids"].shape != (total,):
+            problems.append(f"/{split}/token_type_ids has shape {g['token_type_ids'].shape}, offsets say ({total},)")
+        for name in ("labels", "example_ids"):
+            if g[name].shape != (n,):
+                problems.append(f"/{split}/{name} has shape {g[name].shape}, expected ({n},)")
+        if attrs["task"] == "classification" and g["labels"].shape == (n,) and n:
+            labels = g["labels"][:]
+            if labels.min() < 0 or labels.max() >= num_labels:
+                problems.append(f"/{split}/labels range {labels.min()}..{labels.max()} is outside 0..{num_labels - 1}")
+    return problems
+
+
 def open_cache(path: str, cfg: Config) -> CacheInfo:
     """Validate a finished cache against the config that wants to use it; clear errors for every mismatch."""
     if not os.path.exists(path):
-        extra = " (an interrupted precompute left a .tmp file beside it)" if os.path.exists(path + ".tmp") else ""
+        extra = (" (an interrupted precompute left a .tmp file beside it: rerun the same `make precompute` to "
+                 "resume it)") if os.path.exists(path + ".tmp") else ""
         raise PipelineError(
             f"no cache at {path}{extra}. Run `make precompute` with the same options first "
             f"(the cache file name is derived from the model, data, k, tokenizer settings and dtype)."
         )
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {key: (v.decode() if isinstance(v, bytes) else v) for key, v in f.attrs.items()}
-            split_sizes = {s: int(f[s]["lengths"].shape[0]) for s in json.loads(attrs.get("splits_json", "[]"))}
-    except (OSError, KeyError) as e:
-        raise PipelineError(f"{path} is not a readable cache ({e}); delete it and run `make precompute`.") from None
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise PipelineError(
-            f"{path} has cache format version {attrs.get('format_version')}, this code reads version "
-            f"{FORMAT_VERSION}; rebuild it with `make precompute`."
-        )
-    if not attrs.get("complete"):
-        raise PipelineError(f"{path} is incomplete (no 'complete' flag); delete it and run `make precompute`.")
+    with _open_h5(path) as f:
+        attrs = read_attrs(f)
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(
+                f"{path} has cache format version {attrs.get('format_version')}, this code reads version "
+                f"{FORMAT_VERSION}; rebuild it with `make precompute ARGS=--force`."
+            )
+        if not attrs.get("complete"):
+            raise PipelineError(f"{path} is incomplete (no 'complete' flag); delete it and run `make precompute`.")
+        try:
+            problems = structure_problems(f, attrs)
+        except (OSError, KeyError, ValueError) as e:
+            problems = [f"reading it failed: {e}"]
+        if problems:
+            raise PipelineError(f"{path} is corrupt:\n  " + "\n  ".join(problems) + "\n" + _rebuild_hint(path))
+        split_sizes = {s: int(f[s]["lengths"].shape[0]) for s in json.loads(attrs["splits_json"])}
     built = json.loads(attrs["cache_key_json"])
     wanted = cfg.cache_key()
     diff = [f"{key}: cache has {built.get(key)!r}, config wants {wanted[key]!r}"
@@ -87,6 +156,80 @@ def open_cache(path: str, cfg: Config) -> CacheInfo:
         num_labels=int(attrs["num_labels"]), label_names=json.loads(attrs["label_names_json"]),
         weights_sha256=attrs["weights_sha256"], splits=split_sizes, attrs=attrs,
     )
+
+
+BLOCK_ROWS = 1 << 16
+
+
+def dataset_sha256(ds: h5py.Dataset) -> str:
+    """sha256 of an array's raw bytes, read in blocks of rows (memory stays small for any cache size)."""
+    h = hashlib.sha256()
+    for lo in range(0, ds.shape[0], BLOCK_ROWS):
+        h.update(np.ascontiguousarray(ds[lo:lo + BLOCK_ROWS]).tobytes())
+    return h.hexdigest()
+
+
+def array_names(f: h5py.File) -> list:
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and name != "progress" else None)
+    return sorted(names)
+
+
+def check_cache(path: str) -> tuple[list, list]:
+    """Full integrity check of a cache file, independent of any config: attributes, structure, checksums of every
+    array, finite hidden states, disjoint splits. Returns (passed checks, problems)."""
+    if not os.path.exists(path):
+        raise PipelineError(f"no cache at {path}.")
+    ok, problems = [], []
+    with _open_h5(path) as f:
+        attrs = read_attrs(f)
+        if attrs.get("format_version") != FORMAT_VERSION:
+            return ok, [f"format version {attrs.get('format_version')}, this code reads {FORMAT_VERSION}"]
+        if not attrs.get("complete"):
+            problems.append("no 'complete' flag: precompute did not finish writing this file")
+        try:
+            structure = structure_problems(f, attrs)
+        except (OSError, KeyError, ValueError) as e:
+            structure = [f"reading the structure failed: {e}"]
+        if structure:
+            return ok, problems + structure
+        ok.append(f"structure: splits {json.loads(attrs['splits_json'])}, offsets, shapes, dtypes, label range")
+        try:
+            stored = json.loads(attrs.get("checksums_json", "{}"))
+            names = array_names(f)
+            if set(stored) != set(names):
+                problems.append(f"checksums cover {sorted(stored)}, the file holds {names}")
+            bad = [n for n in names if n in stored and dataset_sha256(f[n]) != stored[n]]
+            if bad:
+                problems.append(f"sha256 mismatch (the bytes changed after precompute): {bad}")
+            else:
+                ok.append(f"sha256 of {len(names)} arrays match")
+            k = int(attrs["k"])
+            splits = json.loads(attrs["splits_json"])
+            nonfinite = []
+            for split in splits:
+                ds = f[f"{split}/layer_{k}/hidden"]
+                for lo in range(0, ds.shape[0], BLOCK_ROWS):
+                    if not np.isfinite(ds[lo:lo + BLOCK_ROWS]).all():
+                        nonfinite.append(split)
+                        break
+            if nonfinite:
+                problems.append(f"NaN/Inf hidden states in split(s) {nonfinite}")
+            else:
+                ok.append("hidden states are finite")
+            ids = [f[f"{s}/example_ids"][:] for s in splits]
+            all_ids = np.concatenate(ids) if ids else np.zeros(0)
+            if len(np.unique(all_ids)) != len(all_ids):
+                problems.append("example_ids repeat: splits overlap or rows are duplicated")
+            else:
+                ok.append(f"{len(all_ids)} examples, splits disjoint")
+            progress = f["progress"][:] if "progress" in f else None
+            sizes = [f[s]["lengths"].shape[0] for s in splits]
+            if progress is None or list(progress) != sizes:
+                problems.append(f"/progress {None if progress is None else list(progress)} != split sizes {sizes}")
+        except (OSError, KeyError, ValueError) as e:
+            problems.append(f"reading the arrays failed: {e}")
+    return ok, problems
 
 
 class CachedSplit(torch.utils.data.Dataset):

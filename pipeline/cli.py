@@ -1,4 +1,4 @@
-"""Command line: python -m pipeline {precompute,train,verify} [--preset NAME] [--config FILE] [--<option> VALUE ...]
+"""Command line: python -m pipeline {precompute,train,verify,check} [--preset NAME] [--config FILE] [--<option> VALUE]
 
 Every Config field is an option (`--lr 1e-4`, `--k 3`, `--text-pair-column hypothesis`); values are validated once
 when the Config is built. Bad input exits with status 2 and a one-paragraph message, never a library traceback."""
@@ -36,16 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("precompute", "run the frozen bottom once and write the HDF5 cache"),
                         ("train", "fine-tune the top layers + head from the cache"),
-                        ("verify", "compare full-model logits with cache + top on real cached examples")):
+                        ("verify", "compare full-model logits with cache + top on real cached examples"),
+                        ("check", "validate a cache file: structure, checksums, finite values; optionally recompute "
+                                  "a sample of rows")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)}")
         p.add_argument("--config", help="JSON file of Config fields (applied after the preset, before options)")
         if name == "precompute":
-            p.add_argument("--force", action="store_true", help="rebuild the cache even if an up-to-date one exists")
+            p.add_argument("--force", action="store_true",
+                           help="rebuild the cache even if an up-to-date one exists, or if its inputs changed")
+            p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                           help="if another process is writing the same cache, wait at most this long "
+                                "(default: wait until it is done; 0: fail at once)")
         else:
             p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
         if name == "verify":
             p.add_argument("--samples", type=int, default=64, help="cached examples to check")
+        if name == "check":
+            p.add_argument("--recompute", type=int, default=0, metavar="N",
+                           help="also recompute N cached validation rows from their token ids with the model and "
+                                "compare (default 0: file checks only)")
         opts = p.add_argument_group("config options (defaults come from the preset)")
         for f in fields(Config):
             if f.name == "preset":
@@ -91,15 +101,19 @@ def main(argv=None) -> None:
         if args.command == "precompute":
             from .precompute import precompute
 
-            precompute(cfg, force=args.force)
+            precompute(cfg, force=args.force, lock_timeout=args.lock_timeout)
         elif args.command == "train":
             from .train import train
 
             train(cfg, cache_path=args.cache)
-        else:
+        elif args.command == "verify":
             from .verify import verify
 
             verify(cfg, cache_path=args.cache, samples=args.samples)
+        else:
+            from .verify import check
+
+            check(cfg, cache_path=args.cache, recompute=args.recompute)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

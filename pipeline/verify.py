@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import h5py
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from .cache import open_cache
+from .cache import check_cache, open_cache, read_attrs
 from .config import Config
-from .model import load_full_model, load_tokenizer, split_top
+from .errors import PipelineError
+from .model import frozen_weights_sha256, load_full_model, load_tokenizer, safetensors_files, split_top
 
 
 def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split: str = "validation",
@@ -33,7 +35,9 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
             if "token_type_ids" in g:
                 ex["token_type_ids"] = g["token_type_ids"][s:e].astype(np.int64).tolist()
             rows.append((ex, torch.from_numpy(g[f"layer_{cfg.k}/hidden"][s:e].astype(np.float32))))
-    max_logit, max_hidden = 0.0, 0.0
+    # storage rounding: half an ulp of the cache dtype, plus float32 noise from another batch composition
+    rtol, atol = (2.0 ** -10, 1e-4) if info.attrs["dtype"] == "float16" else (1e-5, 1e-5)
+    max_logit, max_hidden, excess = 0.0, 0.0, 0.0
     with torch.inference_mode():
         for b in range(0, len(rows), batch_size):
             chunk = rows[b:b + batch_size]
@@ -41,10 +45,43 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
             out = full(**enc, output_hidden_states=True)
             hidden = torch.nn.utils.rnn.pad_sequence([h for _, h in chunk], batch_first=True)
             mask = enc["attention_mask"].bool()
-            max_hidden = max(max_hidden, float((out.hidden_states[cfg.k][mask] - hidden[mask]).abs().max()))
+            ref, got = out.hidden_states[cfg.k][mask], hidden[mask]
+            max_hidden = max(max_hidden, float((ref - got).abs().max()))
+            excess = max(excess, float(((ref - got).abs() - atol - rtol * ref.abs()).max()))
             logits = top(inputs_embeds=hidden, attention_mask=enc["attention_mask"]).logits
             max_logit = max(max_logit, float((out.logits - logits).abs().max()))
     print(f"verified {len(rows)} {split} examples of {path} (cache dtype {info.attrs['dtype']}, k={cfg.k})")
     print(f"max_abs_hidden_diff={max_hidden:.3g}")
     print(f"max_abs_logit_diff={max_logit:.3g}")
-    return {"max_abs_logit_diff": max_logit, "max_abs_hidden_diff": max_hidden, "examples": len(rows)}
+    return {"max_abs_logit_diff": max_logit, "max_abs_hidden_diff": max_hidden, "examples": len(rows),
+            "hidden_within_tolerance": excess <= 0, "tolerance": f"|diff| <= {atol:g} + {rtol:g}*|value|"}
+
+
+def check(cfg: Config, cache_path: str | None = None, recompute: int = 0) -> None:
+    """`python -m pipeline check`: the file checks of cache.check_cache, then optionally recompute `recompute`
+    validation rows from their stored token ids with the model the cache names and compare."""
+    path = cache_path or cfg.cache_path()
+    ok, problems = check_cache(path)
+    for line in ok:
+        print(f"ok    {line}")
+    if not problems and recompute > 0:
+        with h5py.File(path, "r") as f:
+            attrs = read_attrs(f)
+        built = Config.from_dict(json.loads(attrs["config_json"]))  # plain JSON, never executed
+        base = None if safetensors_files(built) else load_full_model(built, int(attrs["num_labels"])).base_model
+        if frozen_weights_sha256(built, base) != attrs["weights_sha256"]:
+            problems.append(f"the frozen weights of {built.model!r} (embeddings + layers below k={built.k}) are not "
+                            f"the ones that built the cache (sha256 differs)")
+        del base
+        r = verify(built, path, samples=recompute)
+        if r["hidden_within_tolerance"]:
+            print(f"ok    {r['examples']} recomputed rows match the cache ({r['tolerance']})")
+        else:
+            problems.append(f"recomputed rows differ from the cache beyond {r['tolerance']} "
+                            f"(max abs diff {r['max_abs_hidden_diff']:.3g}): the model or the file changed")
+    if problems:
+        for line in problems:
+            print(f"FAIL  {line}")
+        raise PipelineError(f"cache {path} failed {len(problems)} check(s):\n  " + "\n  ".join(problems) +
+                            "\nRebuild it with `make precompute ARGS=--force` (with the options that built it).")
+    print(f"cache {path} passed all checks")

@@ -89,3 +89,44 @@ def cli_args(cfg_kwargs: dict):
     for k, v in cfg_kwargs.items():
         out += ["--" + k.replace("_", "-"), str(v)]
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus_csv(tmp_path_factory):
+    """Factory: n -> a CSV of the first n fresh/rotten rows of the real corpus."""
+    made = {}
+
+    def make(n):
+        if n not in made:
+            path = tmp_path_factory.mktemp(f"data{n}") / "reviews.csv"
+            with open(path, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["text", "category"])
+                w.writeheader()
+                for r in corpus_rows(n):
+                    w.writerow({"text": r["text"], "category": r["category"]})
+            made[n] = str(path)
+        return made[n]
+
+    return make
+
+
+def committed_examples(tmp_file) -> int:
+    """Examples an in-progress precompute has committed, read from outside while it writes (HDF5 file locking off:
+    the writer holds the file; /progress is a raw 8-byte-per-split array that is never moved)."""
+    import h5py
+
+    try:
+        with h5py.File(tmp_file, "r", locking=False) as f:
+            return int(f["progress"][:].sum()) if "progress" in f else 0
+    except (OSError, KeyError):
+        return 0
+
+
+def cache_arrays(path) -> dict:
+    """Every array of a cache file except /progress, by name."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[:]) if isinstance(o, h5py.Dataset) and n != "progress" else None)
+    return out

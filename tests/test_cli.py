@@ -29,12 +29,12 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
     opts = _opts(tmp_path, tiny_model("bert"), small_csv)
     out = run_cli("precompute", *opts).stdout
     assert "precompute done: 160 examples" in out
-    (path,) = [p for p in (tmp_path / "cache").iterdir()]
-    assert path.suffix == ".h5" and not list((tmp_path / "cache").glob("*.tmp"))
+    (path,) = (tmp_path / "cache").glob("*.h5")
+    assert not list((tmp_path / "cache").glob("*.tmp"))
 
     with h5py.File(path) as f:
         a = f.attrs
-        assert a["complete"] and a["format_version"] == 1 and a["k"] == 1 and a["dtype"] == "float16"
+        assert a["complete"] and a["format_version"] == 2 and a["k"] == 1 and a["dtype"] == "float16"
         assert json.loads(a["config_json"])["k"] == 1 and a["weights_sha256"].startswith("file:")
         assert json.loads(a["label_names_json"]) == ["fresh", "rotten"]
         assert json.loads(a["tokenizer_json"])["max_length"] == 64
@@ -48,7 +48,9 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
         # ragged storage: exactly one row per real token, no padding
         assert offsets[0] == 0 and offsets[-1] == lengths.sum() == hidden.shape[0] == g["input_ids"].shape[0]
         assert np.all(np.diff(offsets) == lengths) and np.all(np.diff(lengths) >= 0)  # stored sorted by length
-        assert hidden.dtype == np.float16 and hidden.chunks is not None and hidden.shape[1] == 32
+        assert hidden.dtype == np.float16 and hidden.shape[1] == 32
+        assert list(f["progress"][:]) == [sizes[s] for s in json.loads(a["splits_json"])]
+        assert "train/layer_1/hidden" in json.loads(a["checksums_json"])
         assert np.isfinite(hidden[:]).all()
         # labels are stratified: both classes in validation
         assert set(f["validation"]["labels"][:].tolist()) == {0, 1}
