@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: wait until it is done; 0: fail at once)")
         else:
             p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
+        if name == "train":
+            p.add_argument("--resume", action="store_true",
+                           help="continue the run --run-name from its last checkpoint (same config required)")
         if name == "verify":
             p.add_argument("--samples", type=int, default=64, help="cached examples to check")
         if name == "check":
@@ -105,7 +108,7 @@ def main(argv=None) -> None:
         elif args.command == "train":
             from .train import train
 
-            train(cfg, cache_path=args.cache)
+            train(cfg, cache_path=args.cache, resume=args.resume)
         elif args.command == "verify":
             from .verify import verify
 

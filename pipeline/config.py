@@ -62,7 +62,9 @@ class Config:
     in_memory: bool = opt(True, "load each cached split into RAM (falls back to HDF5 reads if it does not fit)")
     group_by_length: bool = opt(True, "batches of similar length (HF LengthGroupedSampler): less padding")
     runs_dir: str = opt("cache/runs", "where run directories go")
-    run_name: Optional[str] = opt(None, "run directory name (default: a timestamp)")
+    run_name: Optional[str] = opt(None, "run directory name (default: a timestamp); --resume continues it")
+    checkpoint_every: int = opt(200, "save a resumable checkpoint every N optimizer steps (and at each epoch end); "
+                                     "0 = epoch ends only, -1 = never")
     cpu: bool = opt(False, "force CPU even when a GPU is present")
     preset: str = opt("default", "preset the other defaults came from (set by --preset)")
 
@@ -91,6 +93,8 @@ class Config:
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.max_examples < 0:
             problems.append(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
+        if self.checkpoint_every < -1:
+            problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if not self.text_column or not self.label_column:

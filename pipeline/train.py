@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -23,6 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .cache import CachedSplit, collate, open_cache
 from .config import Config
 from .errors import PipelineError
+from .fsutil import ensure_writable_dir
 from .model import load_top
 
 
@@ -34,16 +36,21 @@ def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
             "f1": float(f1_score(labels, preds, average="macro"))}
 
 
-def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
+def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, g: torch.Generator) -> DataLoader:
+    """g drives the shuffling and the DataLoader's worker seeds (never the global RNG)."""
     kwargs = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin,
-                  persistent_workers=cfg.num_workers > 0)
+                  persistent_workers=cfg.num_workers > 0, generator=g)
     if not train:
         return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, **kwargs)
     if cfg.group_by_length:
         sampler = LengthGroupedSampler(cfg.batch_size, lengths=ds.lengths.tolist(), generator=g)
         return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, **kwargs)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=g, **kwargs)
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, **kwargs)
+
+
+def epoch_seed(cfg: Config, epoch: int) -> int:
+    """Seed of an epoch's batch order: a pure function of (seed, epoch), so a resumed run rebuilds it."""
+    return cfg.seed * 1000 + epoch
 
 
 def build_optimizer(model, cfg: Config, total_steps: int):
@@ -70,11 +77,83 @@ def evaluate(model, loader, accelerator, task) -> dict:
     return compute_metrics(task, np.concatenate(preds), np.concatenate(refs))
 
 
-def train(cfg: Config, cache_path: str | None = None) -> dict:
+# Config fields that may differ when a run is resumed: they do not change what is computed.
+RESUME_MAY_DIFFER = ("num_workers", "in_memory", "cpu", "runs_dir", "checkpoint_every")
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
+    """The newest complete checkpoint of a run (trainer_state.json is written after Accelerate's save_state has
+    finished, so a checkpoint cut short by a kill is never picked) and its trainer state."""
+    root = os.path.join(run_dir, "checkpoints")
+    for name in sorted(os.listdir(root) if os.path.isdir(root) else [], reverse=True):
+        state_file = os.path.join(root, name, "trainer_state.json")
+        if os.path.isfile(state_file):
+            with open(state_file) as fh:
+                return os.path.join(root, name), json.load(fh)
+    return None
+
+
+def _prepare_run_dir(cfg: Config, run_dir: str, resume: bool):
+    """Fresh runs get a new directory; --resume continues one with the same config. Returns (checkpoint, state)
+    to resume from, (None, None) for a fresh start, or (None, results) for a run that has already finished."""
+    config_file = os.path.join(run_dir, "config.json")
+    if not resume:
+        if os.path.exists(config_file):
+            raise PipelineError(
+                f"run directory {run_dir} already holds a run; continue it with `--resume --run-name "
+                f"{os.path.basename(run_dir)}`, or choose another --run-name (nothing is overwritten).")
+        return None, None
+    if not cfg.run_name:
+        raise PipelineError("--resume needs --run-name: the name of the run directory to continue.")
+    if not os.path.exists(config_file):
+        raise PipelineError(f"--resume: {run_dir} holds no run to continue (no config.json); drop --resume to start "
+                            f"it fresh.")
+    with open(config_file) as fh:
+        saved = json.load(fh)["config"]
+    now = cfg.to_dict()
+    diff = [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
+            if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    if diff:
+        raise PipelineError(f"--resume: the run in {run_dir} was started with another config:\n  " +
+                            "\n  ".join(diff) + "\nResume with the original options, or start a new --run-name.")
+    results = os.path.join(run_dir, "results.json")
+    if os.path.exists(results):
+        with open(results) as fh:
+            return None, json.load(fh)
+    found = latest_checkpoint(run_dir)
+    return (found[0], found[1]) if found else (None, None)
+
+
+def save_checkpoint(accelerator, run_dir: str, state: dict) -> None:
+    """Accelerate save_state (model as safetensors, optimizer, scheduler, RNG of every process) + our position in
+    the data as JSON, written last; older checkpoints are removed once the new one is complete."""
+    root = os.path.join(run_dir, "checkpoints")
+    path = os.path.join(root, f"step_{state['step']:08d}_epoch_{state['epoch']:03d}_{state['batches_done']:06d}")
+    accelerator.save_state(path, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = os.path.join(path, "trainer_state.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, os.path.join(path, "trainer_state.json"))
+        for name in os.listdir(root):
+            if os.path.join(root, name) != path:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: Config, cache_path: str | None = None, resume: bool = False) -> dict:
     path = cache_path or cfg.cache_path()
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
+    run_dir = os.path.join(cfg.runs_dir, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
+    if ckpt is None and state is not None:  # finished earlier
+        print(f"run {run_dir} has already finished; its final metrics:")
+        print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
+        return {"run_dir": run_dir, **state["metrics"]}
+    ensure_writable_dir(run_dir, "run directory", "--runs-dir")
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -93,34 +172,55 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
     train_ds = CachedSplit(path, "train", cfg.k, cfg.in_memory)
     val_ds = CachedSplit(path, "validation", cfg.k, cfg.in_memory)
     pin = accelerator.device.type == "cuda"
-    train_dl = make_loader(train_ds, cfg, True, pin, cfg.seed)
-    val_dl = make_loader(val_ds, cfg, False, pin, cfg.seed)
+    # The shuffling generator is reseeded with (seed, epoch) at every epoch start, so the order of any epoch can be
+    # rebuilt on resume; the loaders' own generators keep DataLoader seeding off the global RNG (dropout's).
+    shuffle_gen = torch.Generator()
+    train_dl = make_loader(train_ds, cfg, True, pin, shuffle_gen)
+    val_dl = make_loader(val_ds, cfg, False, pin, torch.Generator())
 
     steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
 
-    run_dir = os.path.join(cfg.runs_dir, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics_file = os.path.join(run_dir, "metrics.jsonl")
+    if ckpt is not None:
+        accelerator.load_state(ckpt)  # torch.load with weights_only=True inside Accelerate; weights are safetensors
+        accelerator.print(f"resuming {run_dir} from {ckpt}: epoch {state['epoch']}, step {state['step']}, "
+                          f"{state['batches_done']} batches of the epoch done")
+    else:
+        state = {"epoch": 1, "step": 0, "batches_done": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
+                 "metrics": {}}
     if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump({"config": cfg.to_dict(), "cache": path, "cache_attrs": {
-                k: info.attrs[k] for k in ("weights_sha256", "dataset_fingerprint", "k", "dtype", "num_layers")},
-                "label_names": info.label_names, "trainable_params": n_trainable,
-                "num_processes": accelerator.num_processes, "device": str(accelerator.device)}, fh, indent=2, default=str)
-        open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
+        if ckpt is None:
+            with open(os.path.join(run_dir, "config.json"), "w") as fh:
+                json.dump({"config": cfg.to_dict(), "cache": path, "cache_attrs": {
+                    k: info.attrs[k] for k in ("weights_sha256", "dataset_fingerprint", "k", "dtype", "num_layers")},
+                    "label_names": info.label_names, "trainable_params": n_trainable,
+                    "num_processes": accelerator.num_processes, "device": str(accelerator.device)}, fh, indent=2,
+                    default=str)
+        records = [] if ckpt is None else [line for line in open(metrics_file) if json.loads(line)["epoch"] <
+                                           state["epoch"]]  # drop records of epochs that are being redone
+        with open(metrics_file, "w") as fh:
+            fh.writelines(records)
     accelerator.print(f"train: {len(train_ds)} train / {len(val_ds)} validation examples from {path}; "
                       f"top {info.num_layers - cfg.k} of {info.num_layers} layers + head, {n_trainable / 1e6:.2f}M "
                       f"trainable params, {accelerator.num_processes} process(es) on {accelerator.device}")
 
-    step, metrics = 0, {}
+    step, metrics = state["step"], state["metrics"]
     model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        t0, tokens, loss_sum, n_batches = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(train_dl, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15, disable=not accelerator.is_local_main_process)
+    for epoch in range(state["epoch"], cfg.epochs + 1):
+        shuffle_gen.manual_seed(epoch_seed(cfg, epoch))
+        skip = state["batches_done"] if epoch == state["epoch"] else 0
+        resumed = skip > 0
+        t0 = time.perf_counter()
+        tokens, loss_sum, n_batches, prior_s = ((state["tokens"], state["loss_sum"], skip, state["seconds"]) if resumed
+                                                else (0, 0.0, 0, 0.0))
+        loader = accelerator.skip_first_batches(train_dl, skip) if resumed else train_dl
+        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, initial=skip,
+                   total=len(train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
+                   disable=not accelerator.is_local_main_process)
         for batch in bar:
             with accelerator.accumulate(model):
                 out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
@@ -131,34 +231,45 @@ def train(cfg: Config, cache_path: str | None = None) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             loss_sum += out.loss.item()
             n_batches += 1
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}",
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}",
                             refresh=False)
+            if accelerator.sync_gradients:
+                step += 1
+                last = (cfg.max_steps > 0 and step >= cfg.max_steps) or n_batches == len(train_dl)
+                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
+                    save_checkpoint(accelerator, run_dir, {
+                        "epoch": epoch, "step": step, "batches_done": n_batches, "loss_sum": loss_sum,
+                        "tokens": tokens, "seconds": prior_s + time.perf_counter() - t0, "metrics": metrics})
             if cfg.max_steps > 0 and step >= cfg.max_steps:
                 break
-        secs = time.perf_counter() - t0
+        secs = prior_s + time.perf_counter() - t0
         metrics = evaluate(model, val_dl, accelerator, cfg.task)
         record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n_batches, 1), "train_seconds": secs,
                   "train_tokens_per_s": tokens / secs, **{f"val_{k}": v for k, v in metrics.items()}}
         accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if accelerator.is_main_process:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+            with open(metrics_file, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if cfg.max_steps > 0 and step >= cfg.max_steps:
             break
+        if epoch < cfg.epochs and cfg.checkpoint_every >= 0:  # epoch boundary: resume starts the next epoch
+            save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "batches_done": 0,
+                                                   "loss_sum": 0.0, "tokens": 0, "seconds": 0.0, "metrics": metrics})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         top = accelerator.unwrap_model(model)
-        state = {n: t.detach().cpu().contiguous() for n, t in top.state_dict().items()}
-        save_file(state, os.path.join(run_dir, "top.safetensors"),
+        state_dict = {n: t.detach().cpu().contiguous() for n, t in top.state_dict().items()}
+        save_file(state_dict, os.path.join(run_dir, "top.safetensors"),
                   metadata={"config_json": cfg.to_json(), "k": str(cfg.k), "num_layers": str(info.num_layers),
                             "label_names_json": json.dumps(info.label_names), "cache": path})
         top.config.to_json_file(os.path.join(run_dir, "top_config.json"))
+        with open(os.path.join(run_dir, "results.json"), "w") as fh:  # marks the run finished
+            json.dump({"metrics": metrics, "step": step, "trainable_params": n_trainable}, fh, indent=2)
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     final = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     accelerator.print(f"run dir: {run_dir}")
     accelerator.print(final)

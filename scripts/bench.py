@@ -242,7 +242,7 @@ def limit(cfg):
 
     from pipeline.cache import CachedSplit, open_cache
     from pipeline.model import load_top
-    from pipeline.train import build_optimizer, make_loader
+    from pipeline.train import build_optimizer, epoch_seed, make_loader
 
     info = open_cache(cfg.cache_path(), cfg)
     dev = _device()
@@ -251,7 +251,7 @@ def limit(cfg):
     model.to(dev).train()
     ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory=True)
     batches = [{k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
-               for b in make_loader(ds, cfg, True, False, cfg.seed)]
+               for b in make_loader(ds, cfg, True, False, torch.Generator().manual_seed(epoch_seed(cfg, 1)))]
     opt, sched = build_optimizer(model, cfg, len(batches) * cfg.epochs)
     epoch_s = []
     for _ in range(cfg.epochs):
@@ -307,7 +307,7 @@ def profile(cfg, steps=40):
 
     from pipeline.cache import CachedSplit, collate, open_cache
     from pipeline.model import load_top
-    from pipeline.train import build_optimizer, make_loader
+    from pipeline.train import build_optimizer, epoch_seed, make_loader
 
     info = open_cache(cfg.cache_path(), cfg)
     dev = _device()
@@ -318,7 +318,7 @@ def profile(cfg, steps=40):
         model.to(dev).train()
         opt, _ = build_optimizer(model, cfg, steps)
         ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory)
-        batches = list(make_loader(ds, cfg, True, False, cfg.seed).batch_sampler)
+        batches = list(make_loader(ds, cfg, True, False, torch.Generator().manual_seed(epoch_seed(cfg, 1))).batch_sampler)
         t = dict.fromkeys(("io", "collate", "forward", "backward", "optimizer"), 0.0)
         for n in range(steps):
             t0 = time.perf_counter()

@@ -277,3 +277,52 @@ def test_concurrent_readers_share_one_cache(tmp_path, tiny_model, corpus_csv):
     finals = {o[0].strip().splitlines()[-1] for o in outs[:3]}
     assert len(finals) == 1 and next(iter(finals)).startswith("accuracy=")  # same seed, same cache, same result
     assert "passed all checks" in outs[3][0]
+
+
+def _checkpoints(run_dir):
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("*/trainer_state.json")) if root.exists() else []
+
+
+def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, corpus_csv):
+    from safetensors.torch import load_file
+
+    base = dict(model=tiny_model(), dataset=corpus_csv(N_BIG), cache_dir=str(tmp_path / "cache"),
+                runs_dir=str(tmp_path / "runs"), k=1, max_length=64, batch_size=8, epochs=2, lr=1e-3,
+                checkpoint_every=5)
+    precompute(make_config(**base))
+    opts = cli_args(base)
+    ref = run_cli("train", *opts, "--run-name", "ref").stdout.strip().splitlines()[-1]
+
+    run = tmp_path / "runs" / "killed"
+    proc = _popen_cli("train", *opts, "--run-name", "killed")
+    steps_per_epoch = 960 // 8  # 80% of 1200 train examples
+    t0 = time.time()
+    while time.time() - t0 < 120:  # wait for a checkpoint in the middle of epoch 2, then kill
+        states = [json.loads(p.read_text()) for p in _checkpoints(run)]
+        if any(s["epoch"] == 2 and s["batches_done"] > 0 for s in states):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists() and not (run / "top.safetensors").exists()
+    state = json.loads(_checkpoints(run)[-1].read_text())
+    assert state["epoch"] == 2 and 0 < state["batches_done"] < steps_per_epoch and state["step"] > steps_per_epoch
+
+    again = run_cli("train", *opts, "--run-name", "killed", check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr  # a run dir is never silently overwritten
+    resumed = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout
+    assert f"epoch 2, step {state['step']}, {state['batches_done']} batches of the epoch done" in resumed
+    assert resumed.strip().splitlines()[-1] == ref  # same final metrics
+    a, b = load_file(tmp_path / "runs" / "ref" / "top.safetensors"), load_file(run / "top.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == [1, 2]  # the interrupted epoch is recorded once
+    assert not (run / "checkpoints").exists()  # removed once the run finished
+
+    done = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout
+    assert "already finished" in done and done.strip().splitlines()[-1] == ref
+    changed = run_cli("train", *opts, "--lr", "5e-4", "--run-name", "killed", "--resume", check=False)
+    assert changed.returncode == 2 and "lr: run has 0.001, now 0.0005" in changed.stderr
