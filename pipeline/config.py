@@ -36,6 +36,8 @@ class Config:
     text_pair_column: Optional[str] = opt(None, "second text column for pair tasks (NLI, paraphrase)")
     label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression")
     exclude_labels: Optional[str] = opt("plot", "comma-separated label values whose rows are dropped first")
+    num_labels: int = opt(0, "classes of the head (0 = as many as the data has); labels must lie in 0..num_labels-1")
+    empty_texts: str = opt("drop", "rows whose text is empty or whitespace only: drop (with a count) | error")
     max_examples: int = opt(0, "if > 0, a fixed-seed random subset of this many rows (after exclude_labels)")
     task: str = opt("classification", "classification | regression (num_labels=1, MSE loss)")
     val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
@@ -91,6 +93,10 @@ class Config:
             problems.append(f"lr={self.lr} must be > 0")
         if not (0 <= self.warmup_ratio < 1):
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.empty_texts not in ("drop", "error"):
+            problems.append(f"empty_texts={self.empty_texts!r} must be 'drop' or 'error'")
+        if self.num_labels < 0 or (self.task == "regression" and self.num_labels > 1):
+            problems.append(f"num_labels={self.num_labels} must be >= 0 (0 = from the data; 1 for regression)")
         if self.max_examples < 0:
             problems.append(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
         if self.checkpoint_every < -1:
@@ -105,7 +111,8 @@ class Config:
     # Fields that determine the cache contents; a cache is valid for a config iff these match.
     CACHE_FIELDS = (
         "model", "k", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
-        "text_pair_column", "label_column", "exclude_labels", "max_examples", "task", "val_fraction",
+        "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task",
+        "val_fraction",
         "test_fraction", "split_seed", "max_length", "cache_dtype",
     )
 

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from .config import Config
-from .errors import PipelineError, first_line
+from .errors import PipelineError, first_line, offline_reason
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
@@ -40,11 +40,21 @@ def load_source(cfg: Config) -> datasets.Dataset:
         else:
             ds = datasets.load_dataset(path, cfg.dataset_config, split=cfg.split)
     except ValueError as e:  # bad split name / slicing
+        if "corresponds to no data" in str(e):
+            raise PipelineError(f"dataset {path!r} split {cfg.split!r} is empty (no rows); choose a file or split "
+                                f"with examples.") from None
         raise PipelineError(f"dataset {path!r}: cannot take split {cfg.split!r}: {first_line(e)}") from None
     except Exception as e:
         first = first_line(e)
         if os.path.exists(path):
             raise PipelineError(f"cannot read dataset {path!r}: {first}") from None
+        offline = offline_reason(e)
+        if offline:
+            raise PipelineError(
+                f"cannot load dataset {path!r}: it is not a local file or folder, and it is not in the local Hugging "
+                f"Face cache while {offline}. Point --dataset at a local csv/tsv/json/jsonl/parquet file or a folder "
+                f"of them (the default corpus comes from `make data`), or download it once while online."
+            ) from None
         raise PipelineError(
             f"cannot load dataset {path!r}: it is not a local file or folder and the Hugging Face Hub did not "
             f"provide it ({first}). If you are offline, point --dataset at a local csv/json/jsonl/parquet file "
@@ -74,13 +84,33 @@ def _check_texts(values, column):
         )
 
 
+def _blank(v) -> bool:
+    return isinstance(v, str) and not v.strip()
+
+
 def _map_labels(values, cfg: Config, feature):
-    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v))]
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)]
     if missing:
         raise PipelineError(
-            f"label column {cfg.label_column!r} has {len(missing)} missing (None/NaN) labels "
+            f"label column {cfg.label_column!r} has {len(missing)} missing (None/NaN/empty) labels "
             f"(first rows: {missing[:5]}); drop or fill those rows."
         )
+    ids, names = _label_ids(values, cfg, feature)
+    n = cfg.num_labels
+    if n and names is not None:
+        if len(ids) and ids.max() >= n:
+            rows = np.flatnonzero(ids >= n)
+            numbered = all(name == str(i) for i, name in enumerate(names))
+            what = f"class ids up to {int(ids.max())}" if numbered else f"{len(names)} classes {names[:10]}"
+            raise PipelineError(
+                f"label column {cfg.label_column!r} has {what} but num_labels={n}: {len(rows)} rows are out of range "
+                f"0..{n - 1} (first rows: {rows[:5].tolist()}). Raise --num-labels or fix those labels."
+            )
+        names = names[:n] + [f"LABEL_{i}" for i in range(len(names), n)]  # classes absent from this data
+    return ids, names
+
+
+def _label_ids(values, cfg: Config, feature):
     if cfg.task == "regression":
         try:
             return np.asarray(values, dtype=np.float32), None
@@ -127,6 +157,7 @@ def load_labeled(cfg: Config) -> LabeledData:
     if len(ds) == 0:
         why = f" after dropping rows labeled {cfg.exclude_labels!r} (--exclude-labels)" if cfg.exclude_labels else ""
         raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} is empty{why}; choose a split with examples.")
+    ds = _drop_empty_texts(ds, cfg)
     if 0 < cfg.max_examples < len(ds):
         ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_examples))
     texts = list(ds[cfg.text_column])
@@ -141,6 +172,28 @@ def load_labeled(cfg: Config) -> LabeledData:
     splits = split_indices(labels, cfg)
     payload = json.dumps([texts, pairs, labels.tolist(), names], ensure_ascii=False).encode()
     return LabeledData(texts, pairs, labels, names, splits, hashlib.sha256(payload).hexdigest())
+
+
+def _drop_empty_texts(ds: datasets.Dataset, cfg: Config) -> datasets.Dataset:
+    """Rows whose text (or text pair) is empty or whitespace only: dropped with a count, or an error."""
+    cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    def empty(v):  # CSV readers turn an empty cell into None/NaN: that is an empty text too
+        return v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)
+
+    blank = [i for i, vals in enumerate(zip(*(list(ds[c]) for c in cols))) if any(empty(v) for v in vals)]
+    if not blank:
+        return ds
+    if cfg.empty_texts == "error":
+        raise PipelineError(
+            f"{len(blank)} rows have an empty or whitespace-only text in {cols} (first rows: {blank[:5]}); remove "
+            f"them or pass --empty-texts drop."
+        )
+    print(f"data: dropped {len(blank)} of {len(ds)} rows with an empty or whitespace-only text (--empty-texts drop)")
+    gone = set(blank)
+    ds = ds.select([i for i in range(len(ds)) if i not in gone])
+    if len(ds) == 0:
+        raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} has no row with a non-empty text.")
+    return ds
 
 
 def split_indices(labels: np.ndarray, cfg: Config) -> dict:

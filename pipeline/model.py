@@ -19,8 +19,8 @@ from torch import nn
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import Config
-from .errors import PipelineError, first_line
+from .config import PACKAGED_MINILM as PACKAGED, Config
+from .errors import PipelineError, first_line, offline_reason
 
 # model_type -> attribute path of the ModuleList of encoder layers inside the base model
 SUPPORTED_LAYERS = {
@@ -71,12 +71,23 @@ def load_model_config(cfg: Config, **overrides):
         mconf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
     except Exception as e:  # OSError, ValueError, HF hub errors: all mean "cannot load this model"
         first = first_line(e)
+        if "trust_remote_code" in str(e):
+            raise PipelineError(
+                f"model {cfg.model!r} needs to run Python code from its own folder or Hub repo ({first[:200]}). "
+                f"This is off by default; pass --trust-remote-code true only if you trust that code."
+            ) from None
         if os.path.isdir(path):
             raise PipelineError(f"model folder {path!r} has no loadable Hugging Face config ({first}).") from None
+        offline = offline_reason(e)
+        if offline:
+            raise PipelineError(
+                f"cannot load model {cfg.model!r}: it is not a local folder, and it is not in the local Hugging Face "
+                f"cache while {offline}. Point --model at a local folder saved with save_pretrained() (the packaged "
+                f"default is --model {PACKAGED}), or download it once while online."
+            ) from None
         raise PipelineError(
             f"cannot load model {cfg.model!r}: it is not a local folder and the Hugging Face Hub did not provide it "
-            f"({first}). If you are offline, point --model at a local folder saved with save_pretrained() "
-            f"(or fill the HF cache while online and set HF_HUB_OFFLINE=1)."
+            f"({first}). Check the id, or point --model at a local folder saved with save_pretrained()."
         ) from None
     if mconf.model_type not in SUPPORTED_LAYERS:
         raise PipelineError(

@@ -23,7 +23,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .cache import CachedSplit, collate, open_cache
 from .config import Config
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
 from .model import load_top
 
@@ -186,7 +186,13 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False) -> d
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
     if ckpt is not None:
-        accelerator.load_state(ckpt)  # torch.load with weights_only=True inside Accelerate; weights are safetensors
+        try:  # Accelerate reads the model from safetensors and the rest with torch.load(weights_only=True)
+            accelerator.load_state(ckpt)
+        except Exception as e:  # an unpickling refusal, a damaged file
+            raise PipelineError(
+                f"cannot load checkpoint {ckpt}: {first_line(e)}. Only plain tensors and numbers are accepted (no "
+                f"pickled code). Delete that checkpoint folder to resume from an earlier one, or start a new run."
+            ) from None
         accelerator.print(f"resuming {run_dir} from {ckpt}: epoch {state['epoch']}, step {state['step']}, "
                           f"{state['batches_done']} batches of the epoch done")
     else:
