@@ -21,6 +21,7 @@ from dataclasses import replace
 import math
 import multiprocessing as mp
 import os
+import shutil
 import platform
 import resource
 import sys
@@ -373,6 +374,7 @@ def bench_shape(shape: str, args, workdir: str) -> dict:
     from pipeline.config import PACKAGED_MINILM
 
     model, k = (PACKAGED_MINILM, 4) if shape == "minilm" else (make_bert_base(workdir), 10)
+    shutil.rmtree(os.path.join(workdir, "runs"), ignore_errors=True)  # the bench's own runs; names repeat
     cfg = make_config(
         "default", model=model, k=k, max_examples=math.ceil(args.samples / 0.8), val_fraction=0.1,
         test_fraction=0.1, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, seed=args.seed,
