@@ -35,6 +35,7 @@ _IDENTITY_WORDS = {
     "cache_key": "the config fields that shape the cache",
     "weights_sha256": "the model's frozen weights (embeddings + layers below k)",
     "tokenizer_sha256": "the tokenizer (vocabulary, normalisation or special tokens)",
+    "tokenizer_settings": "the tokenizer settings (truncation side, model_max_length)",
     "dataset_fingerprint": "the dataset contents (texts, labels or rows)",
 }
 
@@ -69,6 +70,8 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     bottom = load_bottom(cfg)
     identity = {"format_version": C.FORMAT_VERSION, "cache_key": cfg.cache_key(),
                 "weights_sha256": frozen_weights_sha256(cfg, bottom), "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                "tokenizer_settings": {"truncation_side": tokenizer.truncation_side,
+                                       "model_max_length": min(tokenizer.model_max_length, 10**9)},
                 "dataset_fingerprint": data.fingerprint}
     if os.path.exists(out) and _up_to_date(out, cfg, identity, force):
         print(f"cache {out} is up to date (same config, weights, tokenizer and data); nothing to do "
@@ -86,7 +89,13 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     tmp = out + ".tmp"
     if not (os.path.exists(tmp) and _resumable(tmp, identity, plan)):
         _check_free_space(out, plan, mconf.hidden_size, dtype)
-        _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype)
+        try:
+            _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype)
+        except (OSError, RuntimeError) as e:  # h5py raises either for a failed write
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise PipelineError(f"cannot write the cache layout to {tmp}: {e}. Free disk space or choose another "
+                                f"--cache-dir.") from None
     raw = _raw_layout(tmp, cfg.k)
     skipped = int(raw["progress"].sum())
     if skipped:
@@ -104,15 +113,22 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
         for si, (split, p) in enumerate(plan.items()):
             _write_split(fd, raw, si, split, p, bottom, cfg, tokenizer, dtype, device, bar)
         bar.close()
-        with h5py.File(tmp, "r+") as f:
-            checksums = {name: C.dataset_sha256(f[name]) for name in C.array_names(f)}  # of the bytes on disk
-            totals["loop_seconds"] = time.perf_counter() - t0  # tokenize + forward + writes + checksums
-            totals["seconds"] = time.perf_counter() - t_start  # also data and model loading
-            f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
-            f.attrs["stats_json"] = json.dumps({**totals, "device": str(device)})
-            f.attrs["complete"] = True  # written last: a file without it is never used
+        try:
+            with h5py.File(tmp, "r+") as f:
+                checksums = {name: C.dataset_sha256(f[name]) for name in C.array_names(f)}  # of the bytes on disk
+                totals["loop_seconds"] = time.perf_counter() - t0  # tokenize + forward + writes + checksums
+                totals["seconds"] = time.perf_counter() - t_start  # also data and model loading
+                f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
+                f.attrs["stats_json"] = json.dumps({**totals, "device": str(device)})
+                f.attrs["complete"] = True  # written last: a file without it is never used
+        except RuntimeError as e:  # h5py reports some failed writes (a flush) as RuntimeError
+            raise OSError(str(e)) from None
         os.fsync(fd)
-    except (OSError, RuntimeError) as e:  # disk full, I/O error (h5py raises either): keep what is committed
+    except torch.OutOfMemoryError:
+        raise PipelineError(
+            f"the {device} ran out of memory at --precompute-batch-size {cfg.precompute_batch_size}; rerun with a "
+            f"smaller one (committed batches are kept in {tmp} and the rerun resumes from them).") from None
+    except OSError as e:  # disk full, I/O error: keep what is committed
         committed = _committed(tmp)
         if committed == 0:
             with contextlib.suppress(OSError):
@@ -124,7 +140,8 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
         raise PipelineError(f"writing the cache failed: {e}. Free disk space or fix the storage problem; {kept}.") \
             from None
     except BaseException:
-        print(f"\ninterrupted: committed batches stay in {tmp}; rerun the same command to resume.", file=sys.stderr)
+        print(f"\nprecompute stopped: committed batches stay in {tmp}; rerun the same command to resume.",
+              file=sys.stderr)
         raise
     finally:
         os.close(fd)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import save_file
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
@@ -147,13 +147,6 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False) -> d
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
-    run_dir = os.path.join(cfg.runs_dir, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
-    if ckpt is None and state is not None:  # finished earlier
-        print(f"run {run_dir} has already finished; its final metrics:")
-        print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
-        return {"run_dir": run_dir, **state["metrics"]}
-    ensure_writable_dir(run_dir, "run directory", "--runs-dir")
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -162,6 +155,16 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False) -> d
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
+    name = [cfg.run_name or time.strftime("%Y%m%d-%H%M%S")]
+    if accelerator.num_processes > 1:  # every process must use the main one's timestamp
+        broadcast_object_list(name)
+    run_dir = os.path.join(cfg.runs_dir, name[0])
+    ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
+    if ckpt is None and state is not None:  # finished earlier
+        accelerator.print(f"run {run_dir} has already finished; its final metrics:")
+        accelerator.print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
+        return {"run_dir": run_dir, **state["metrics"]}
+    ensure_writable_dir(run_dir, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
     set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
     model, digest = load_top(cfg, info.num_labels, info.label_names)
     if digest != info.weights_sha256:

@@ -326,3 +326,27 @@ def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, cor
     assert "already finished" in done and done.strip().splitlines()[-1] == ref
     changed = run_cli("train", *opts, "--lr", "5e-4", "--run-name", "killed", "--resume", check=False)
     assert changed.returncode == 2 and "lr: run has 0.001, now 0.0005" in changed.stderr
+
+
+@pytest.mark.parametrize("change", ["weights", "tokenizer"])
+def test_precompute_refuses_a_cache_whose_model_or_tokenizer_changed(tmp_path, tiny_model, small_csv, change, capsys):
+    model = tmp_path / "model"
+    m = AutoModelForSequenceClassification.from_pretrained(tiny_model())
+    m.save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(tiny_model())
+    tok.save_pretrained(model)
+    opts = cli_args(dict(model=model, dataset=small_csv, cache_dir=tmp_path / "cache", k=1, max_length=32))
+    main(["precompute", *opts])
+    capsys.readouterr()
+    if change == "weights":
+        with torch.no_grad():
+            m.base_model.embeddings.word_embeddings.weight[7] += 1.0
+        m.save_pretrained(model)
+    else:
+        tok.add_tokens(["frozentopword"])
+        tok.save_pretrained(model)
+    with pytest.raises(SystemExit):
+        main(["precompute", *opts])
+    err = capsys.readouterr().err
+    word = "frozen weights" if change == "weights" else "the tokenizer (vocabulary"
+    assert "built from different inputs" in err and word in err and "--force" in err
