@@ -1,6 +1,7 @@
 # make precompute && make train   -- the main job (default: packaged MiniLM + Rotten Tomatoes, 4 of 6 layers frozen)
 # make test                       -- the test suite (.ci/run calls exactly this)
-# Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README)
+# Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README),
+#          DEPTHS=2,4 (cache several depths in one pass; train picks one with ARGS="--k 2")
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,8 +10,12 @@ STAMP := $(VENV)/.installed
 DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2
 PRESET ?= default
 ARGS ?=
+DEPTHS ?=
+SWEEP ?= sweeps/default.json
+RUN ?=
+D := $(if $(DEPTHS),--depths $(DEPTHS))
 
-.PHONY: setup data precompute train verify check bench test clean-cache
+.PHONY: setup data precompute train verify check sweep export predict bench test clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
 # torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
@@ -30,17 +35,29 @@ setup: $(STAMP)
 data: $(DATA)
 
 precompute: $(STAMP) $(DATA)
-	$(PY) -m pipeline precompute --preset $(PRESET) $(ARGS)
+	$(PY) -m pipeline precompute --preset $(PRESET) $(D) $(ARGS)
 
 train: $(STAMP) $(DATA)
-	$(PY) -m pipeline train --preset $(PRESET) $(ARGS)
+	$(PY) -m pipeline train --preset $(PRESET) $(D) $(ARGS)
 
 verify: $(STAMP) $(DATA)
-	$(PY) -m pipeline verify --preset $(PRESET) $(ARGS)
+	$(PY) -m pipeline verify --preset $(PRESET) $(D) $(ARGS)
 
 # Integrity check of the cache (structure, checksums, NaN/Inf); ARGS="--recompute 32" also recomputes rows
 check: $(STAMP)
-	$(PY) -m pipeline check --preset $(PRESET) $(ARGS)
+	$(PY) -m pipeline check --preset $(PRESET) $(D) $(ARGS)
+
+# A grid of runs from one cache (precomputed first if missing): results table + plot in cache/runs/<name>/
+sweep: $(STAMP) $(DATA)
+	$(PY) -m pipeline sweep --preset $(PRESET) --grid $(SWEEP) $(ARGS)
+
+# RUN=cache/runs/<name>: one Hugging Face folder (frozen bottom + trained top) in <run>/export
+export: $(STAMP)
+	$(PY) -m pipeline export --run $(RUN) $(ARGS)
+
+# RUN=<run dir or exported folder> ARGS='"a gripping film" "flat and dull"' (or --file F, or stdin)
+predict: $(STAMP)
+	$(PY) -m pipeline predict --model-dir $(RUN) $(ARGS)
 
 # Side-by-side benchmark (HF Trainer / plain loop / ours / limit); BENCH_ARGS="--shape bert-base --samples 1000"
 BENCH_ARGS ?=

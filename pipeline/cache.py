@@ -1,8 +1,8 @@
 """The HDF5 cache: format, validation, a full integrity check, and a ragged-array torch Dataset.
 
-Layout (format_version 2), one file per (model, k, data, tokenizer settings, dtype):
+Layout (format_version 2), one file per (model, depths, data, tokenizer settings, dtype):
   /                       attrs: format_version, complete, identity_json, config_json, cache_key_json, model,
-                                 model_type, num_layers, hidden_size, k, depths_json, dtype, weights_sha256,
+                                 model_type, num_layers, hidden_size, depths_json, dtype, weights_sha256_json,
                                  tokenizer_json, dataset_fingerprint, num_labels, label_names_json, task,
                                  splits_json, versions_json, created_unix, stats_json, checksums_json
   /progress               int64 [n_splits]  examples committed per split (splits_json order); resume point
@@ -12,7 +12,8 @@ Layout (format_version 2), one file per (model, k, data, tokenizer settings, dty
   /<split>/example_ids    int64 [N]    row of the example in the loaded source data
   /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify`/`check` recompute rows without the source)
   /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
-  /<split>/layer_<k>/hidden  float16|float32 [T, hidden]: hidden state after layer k, contiguous
+  /<split>/layer_<d>/hidden  float16|float32 [T, hidden]: hidden state after layer d, one array per cached depth d
+                             (depths_json), all from one pass of the bottom up to the deepest; contiguous
 Examples are stored sorted by length (stable), so contiguous rows have similar lengths.
 
 Crash safety: precompute writes `<name>.tmp`. Every array is allocated when the file is laid out, so later writes
@@ -42,12 +43,12 @@ SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
 @dataclass
 class CacheInfo:
     path: str
-    k: int
+    depths: list  # depths whose hidden states the file holds
     num_layers: int
     hidden_size: int
     num_labels: int
     label_names: list | None
-    weights_sha256: str
+    weights_sha256: dict  # depth -> sha256 of the frozen weights below it
     splits: dict  # name -> number of examples
     attrs: dict
 
@@ -75,34 +76,35 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
     """Cheap consistency checks of a finished cache (reads only the small per-example arrays): every array
     present, shapes and offsets agreeing with each other and with the hidden states, labels in range."""
     problems = []
-    for key in ("splits_json", "k", "hidden_size", "num_labels", "dtype", "task", "label_names_json", "num_layers",
-                "weights_sha256", "cache_key_json"):
+    for key in ("splits_json", "depths_json", "hidden_size", "num_labels", "dtype", "task", "label_names_json",
+                "num_layers", "weights_sha256_json", "cache_key_json"):
         if key not in attrs:
             problems.append(f"attribute {key!r} is missing")
     if problems:
         return problems
-    k, hidden_size, num_labels = int(attrs["k"]), int(attrs["hidden_size"]), int(attrs["num_labels"])
+    depths, hidden_size, num_labels = json.loads(attrs["depths_json"]), int(attrs["hidden_size"]), int(attrs["num_labels"])
     for split in json.loads(attrs["splits_json"]):
         if split not in f:
             problems.append(f"split group /{split} is missing")
             continue
         g = f[split]
-        names = list(SPLIT_ARRAYS) + [f"layer_{k}/hidden"]
+        names = list(SPLIT_ARRAYS) + [f"layer_{d}/hidden" for d in depths]
         absent = [n for n in names if n not in g]
         if absent:
             problems.append(f"/{split} lacks dataset(s) {absent}")
             continue
         offsets, lengths = g["offsets"][:], g["lengths"][:]
         n = len(lengths)
-        hid = g[f"layer_{k}/hidden"]
         if offsets.shape != (n + 1,) or len(offsets) == 0 or offsets[0] != 0 or np.any(np.diff(offsets) != lengths):
             problems.append(f"/{split}/offsets ({offsets.shape[0]} entries) do not match /{split}/lengths ({n})")
             continue
         total = int(offsets[-1])
-        if hid.shape != (total, hidden_size):
-            problems.append(f"/{split}/layer_{k}/hidden has shape {hid.shape}, offsets say ({total}, {hidden_size})")
-        if hid.dtype != np.dtype(attrs["dtype"]):
-            problems.append(f"/{split}/layer_{k}/hidden has dtype {hid.dtype}, attributes say {attrs['dtype']}")
+        for d in depths:
+            hid = g[f"layer_{d}/hidden"]
+            if hid.shape != (total, hidden_size):
+                problems.append(f"/{split}/layer_{d}/hidden has shape {hid.shape}, offsets say ({total}, {hidden_size})")
+            if hid.dtype != np.dtype(attrs["dtype"]):
+                problems.append(f"/{split}/layer_{d}/hidden has dtype {hid.dtype}, attributes say {attrs['dtype']}")
         if g["input_ids"].shape != (total,):
             problems.append(f"/{split}/input_ids has shape {g['input_ids'].shape}, offsets say ({total},)")
         if "token_type_ids" in g and g["token_type_ids"].shape != (total,):
@@ -117,14 +119,35 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
     return problems
 
 
+def _same_setup_elsewhere(path: str, cfg: Config) -> list:
+    """Finished caches in the same folder built for the same setup (model, data, tokenizer settings, dtype) whose
+    depths include every depth this config trains at: what the user most likely meant."""
+    wanted = {k: v for k, v in cfg.cache_key().items() if k != "depths"}
+    found = []
+    for name in sorted(os.listdir(os.path.dirname(path) or ".")) if os.path.isdir(os.path.dirname(path) or ".") else []:
+        if not name.endswith(".h5"):
+            continue
+        try:
+            with h5py.File(os.path.join(os.path.dirname(path), name), "r") as f:
+                key = json.loads(read_attrs(f).get("cache_key_json", "{}"))
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in key.items() if k != "depths"} == wanted and set(cfg.stage_depths()) <= set(
+                key.get("depths", [])):
+            found.append((os.path.join(os.path.dirname(path), name), key["depths"]))
+    return found
+
+
 def open_cache(path: str, cfg: Config) -> CacheInfo:
     """Validate a finished cache against the config that wants to use it; clear errors for every mismatch."""
     if not os.path.exists(path):
         extra = (" (an interrupted precompute left a .tmp file beside it: rerun the same `make precompute` to "
                  "resume it)") if os.path.exists(path + ".tmp") else ""
+        hint = "".join(f"\nA cache for the same setup with depths {d} exists: pass --depths "
+                       f"{','.join(map(str, d))} (or --cache {p})." for p, d in _same_setup_elsewhere(path, cfg))
         raise PipelineError(
             f"no cache at {path}{extra}. Run `make precompute` with the same options first "
-            f"(the cache file name is derived from the model, data, k, tokenizer settings and dtype)."
+            f"(the cache file name is derived from the model, data, depths, tokenizer settings and dtype).{hint}"
         )
     with _open_h5(path) as f:
         attrs = read_attrs(f)
@@ -145,16 +168,25 @@ def open_cache(path: str, cfg: Config) -> CacheInfo:
     built = json.loads(attrs["cache_key_json"])
     wanted = cfg.cache_key()
     diff = [f"{key}: cache has {built.get(key)!r}, config wants {wanted[key]!r}"
-            for key in wanted if built.get(key) != wanted[key]]
+            for key in wanted if key != "depths" and built.get(key) != wanted[key]]
     if diff:
         raise PipelineError(
             f"cache {path} was built for a different setup:\n  " + "\n  ".join(diff) +
             "\nRun `make precompute` with the training options (or train with the options the cache was built with)."
         )
+    depths = json.loads(attrs["depths_json"])
+    missing = [d for d in cfg.stage_depths() if d not in depths]
+    if missing:
+        raise PipelineError(
+            f"cache {path} holds the hidden states at depths {depths}; this run trains from depth(s) {missing} "
+            f"(k / --stages). Train with --k set to one of {depths}, or precompute with --depths "
+            f"{','.join(map(str, sorted(set(depths) | set(missing))))}."
+        )
     return CacheInfo(
-        path=path, k=int(attrs["k"]), num_layers=int(attrs["num_layers"]), hidden_size=int(attrs["hidden_size"]),
+        path=path, depths=depths, num_layers=int(attrs["num_layers"]), hidden_size=int(attrs["hidden_size"]),
         num_labels=int(attrs["num_labels"]), label_names=json.loads(attrs["label_names_json"]),
-        weights_sha256=attrs["weights_sha256"], splits=split_sizes, attrs=attrs,
+        weights_sha256={int(d): h for d, h in json.loads(attrs["weights_sha256_json"]).items()},
+        splits=split_sizes, attrs=attrs,
     )
 
 
@@ -204,17 +236,17 @@ def check_cache(path: str) -> tuple[list, list]:
                 problems.append(f"sha256 mismatch (the bytes changed after precompute): {bad}")
             else:
                 ok.append(f"sha256 of {len(names)} arrays match")
-            k = int(attrs["k"])
             splits = json.loads(attrs["splits_json"])
             nonfinite = []
             for split in splits:
-                ds = f[f"{split}/layer_{k}/hidden"]
-                for lo in range(0, ds.shape[0], BLOCK_ROWS):
-                    if not np.isfinite(ds[lo:lo + BLOCK_ROWS]).all():
-                        nonfinite.append(split)
-                        break
+                for d in json.loads(attrs["depths_json"]):
+                    ds = f[f"{split}/layer_{d}/hidden"]
+                    for lo in range(0, ds.shape[0], BLOCK_ROWS):
+                        if not np.isfinite(ds[lo:lo + BLOCK_ROWS]).all():
+                            nonfinite.append(f"{split}/layer_{d}")
+                            break
             if nonfinite:
-                problems.append(f"NaN/Inf hidden states in split(s) {nonfinite}")
+                problems.append(f"NaN/Inf hidden states in {nonfinite}")
             else:
                 ok.append("hidden states are finite")
             ids = [f[f"{s}/example_ids"][:] for s in splits]

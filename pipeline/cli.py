@@ -1,4 +1,6 @@
-"""Command line: python -m pipeline {precompute,train,verify,check} [--preset NAME] [--config FILE] [--<option> VALUE]
+"""Command line: python -m pipeline {precompute,train,verify,check,sweep} [--preset NAME] [--config FILE] [--<option> V]
+              python -m pipeline export --run RUN_DIR [--out DIR]
+              python -m pipeline predict --model-dir DIR [TEXT ...] [--file F]
 
 Every Config field is an option (`--lr 1e-4`, `--k 3`, `--text-pair-column hypothesis`); values are validated once
 when the Config is built. Bad input exits with status 2 and a one-paragraph message, never a library traceback."""
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("train", "fine-tune the top layers + head from the cache"),
                         ("verify", "compare full-model logits with cache + top on real cached examples"),
                         ("check", "validate a cache file: structure, checksums, finite values; optionally recompute "
-                                  "a sample of rows")):
+                                  "a sample of rows"),
+                        ("sweep", "run a grid of trainings (lr, seed, depth, strategy) from one cache; table + plot")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)}")
         p.add_argument("--config", help="JSON file of Config fields (applied after the preset, before options)")
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: wait until it is done; 0: fail at once)")
         else:
             p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
+        if name == "sweep":
+            p.add_argument("--grid", required=True, help="JSON grid file (see sweeps/default.json)")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue the run --run-name from its last checkpoint (same config required)")
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also recompute N cached validation rows from their token ids with the model and "
                                 "compare (default 0: file checks only)")
         opts = p.add_argument_group("config options (defaults come from the preset)")
+        if name == "sweep":
+            opts.title = "config options shared by every run (the grid file's base and grid values override them)"
         for f in fields(Config):
             if f.name == "preset":
                 continue
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
             opts.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_TYPES[str(f.type)],
                               default=argparse.SUPPRESS, metavar=str(f.type).upper().replace("OPTIONAL[STR]", "STR"),
                               help=f"{f.metadata.get('help', '')} (default: {default})")
+    p = sub.add_parser("export", help="merge the frozen bottom and a run's trained top into one Hugging Face folder")
+    p.add_argument("--run", required=True, help="run directory (cache/runs/<name>)")
+    p.add_argument("--out", help="output folder (default: <run>/export)")
+    p = sub.add_parser("predict", help="classify raw texts with an exported folder or a run directory")
+    p.add_argument("--model-dir", required=True, help="exported model folder, or a run directory")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else one per line on stdin)")
+    p.add_argument("--file", help="a text file, one text per line")
+    p.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
@@ -100,6 +115,18 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
+        if args.command == "export":
+            from .export import export
+
+            export(args.run, args.out)
+            return
+        if args.command == "predict":
+            from .export import predict, read_texts
+
+            texts = read_texts(args.texts, args.file)
+            for text, (label, score) in zip(texts, predict(args.model_dir, texts, args.batch_size)):
+                print(f"{label}\t{score:.4f}\t{text}")
+            return
         cfg = config_from_args(args)
         if args.command == "precompute":
             from .precompute import precompute
@@ -109,6 +136,10 @@ def main(argv=None) -> None:
             from .train import train
 
             train(cfg, cache_path=args.cache, resume=args.resume)
+        elif args.command == "sweep":
+            from .sweep import sweep
+
+            sweep(cfg, args.grid)
         elif args.command == "verify":
             from .verify import verify
 

@@ -25,7 +25,10 @@ def opt(default, help: str = ""):
 class Config:
     # --- model ---
     model: str = opt(PACKAGED_MINILM, "local folder, Hub id, or pkg:<installed package>/<subfolder>")
-    k: int = opt(4, "frozen encoder layers: embeddings + layers [0, k) are cached; layers [k, L) + head are trained")
+    k: int = opt(4, "frozen encoder layers: embeddings + layers [0, k) are cached; layers [k, L) + head are trained "
+                    "(k = L: head only)")
+    depths: str = opt("", "comma-separated depths to cache in one pass, e.g. 2,4 (default: k, or the --stages "
+                          "depths); training reads depth k")
     attn_implementation: Optional[str] = opt(None, "attention kernel (None = transformers default, sdpa; or eager)")
     trust_remote_code: bool = opt(False, "allow model code from the model folder/Hub (off unless you ask)")
     # --- data ---
@@ -63,6 +66,11 @@ class Config:
     num_workers: int = opt(0, "DataLoader worker processes (each opens the HDF5 file lazily)")
     in_memory: bool = opt(True, "load each cached split into RAM (falls back to HDF5 reads if it does not fit)")
     group_by_length: bool = opt(True, "batches of similar length (HF LengthGroupedSampler): less padding")
+    stages: str = opt("", "gradual unfreezing: comma-separated depth per stage, e.g. 6,5,4 = head only, then one more "
+                          "block per stage (each stage trains --epochs epochs; k is then unused)")
+    layer_lr_decay: float = opt(1.0, "discriminative lr: the head gets lr, encoder layer i gets lr * decay^(L - i)")
+    report_to: str = opt("none", "also log metrics to this tracker: none | tensorboard | wandb | ... (Accelerate's "
+                                 "log_with)")
     runs_dir: str = opt("cache/runs", "where run directories go")
     run_name: Optional[str] = opt(None, "run directory name (default: a timestamp); --resume continues it")
     checkpoint_every: int = opt(200, "save a resumable checkpoint every N optimizer steps (and at each epoch end); "
@@ -99,6 +107,20 @@ class Config:
             problems.append(f"num_labels={self.num_labels} must be >= 0 (0 = from the data; 1 for regression)")
         if self.max_examples < 0:
             problems.append(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
+        for name in ("depths", "stages"):
+            try:
+                values = self._ints(getattr(self, name))
+                if any(v < 0 for v in values):
+                    problems.append(f"{name}={getattr(self, name)!r} must hold depths >= 0")
+            except ValueError:
+                problems.append(f"{name}={getattr(self, name)!r} must be comma-separated integers, e.g. 2,4")
+        if not problems and self.depths and not self.stages and self.k not in self._ints(self.depths):
+            problems.append(f"k={self.k} is not among depths={self.depths!r}: training reads one of the cached depths")
+        if not problems and self.depths and self.stages and not set(self._ints(self.stages)) <= set(
+                self._ints(self.depths)):
+            problems.append(f"stages={self.stages!r} need depths that depths={self.depths!r} does not cache")
+        if not (0 < self.layer_lr_decay <= 1):
+            problems.append(f"layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
         if self.checkpoint_every < -1:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
         if self.num_workers < 0:
@@ -108,9 +130,21 @@ class Config:
         if problems:
             raise PipelineError("invalid config:\n  " + "\n  ".join(problems))
 
-    # Fields that determine the cache contents; a cache is valid for a config iff these match.
+    @staticmethod
+    def _ints(text: str) -> list:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+
+    def stage_depths(self) -> list:
+        """The depth of each training stage: [k] for one stage, the --stages list for gradual unfreezing."""
+        return self._ints(self.stages) or [self.k]
+
+    def cache_depths(self) -> list:
+        """The depths the cache holds (all from one pass of the bottom up to the deepest)."""
+        return sorted(set(self._ints(self.depths)) or set(self.stage_depths()))
+
+    # Fields that determine the cache contents (plus cache_depths()); a cache is valid for a config iff these match.
     CACHE_FIELDS = (
-        "model", "k", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
+        "model", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
         "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task",
         "val_fraction",
         "test_fraction", "split_seed", "max_length", "cache_dtype",
@@ -123,11 +157,12 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def cache_key(self) -> dict:
-        return {f: getattr(self, f) for f in self.CACHE_FIELDS}
+        return {**{f: getattr(self, f) for f in self.CACHE_FIELDS}, "depths": self.cache_depths()}
 
     def cache_path(self) -> str:
         digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:10]
-        return os.path.join(self.cache_dir, f"{self.preset}-k{self.k}-{self.cache_dtype}-{digest}.h5")
+        depths = "_".join(map(str, self.cache_depths()))
+        return os.path.join(self.cache_dir, f"{self.preset}-k{depths}-{self.cache_dtype}-{digest}.h5")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":

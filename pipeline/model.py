@@ -65,7 +65,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model_config(cfg: Config, **overrides):
-    """Load and check the encoder config: supported architecture and 0 <= k < num_hidden_layers."""
+    """Load and check the encoder config: supported architecture and 0 <= k <= num_hidden_layers."""
     path = resolve_model_path(cfg.model)
     try:
         mconf = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **overrides)
@@ -95,10 +95,10 @@ def load_model_config(cfg: Config, **overrides):
             f"{', '.join(sorted(SUPPORTED_LAYERS))}."
         )
     n = mconf.num_hidden_layers
-    if not 0 <= cfg.k < n:
+    if not 0 <= cfg.k <= n:
         raise PipelineError(
-            f"k={cfg.k} is out of range for {cfg.model!r}, which has {n} layers: choose 0 <= k <= {n - 1} "
-            f"(k frozen layers, the top {n}-k trained)."
+            f"depth {cfg.k} is out of range for {cfg.model!r}, which has {n} layers: choose 0 <= k <= {n} "
+            f"(k frozen layers, the top {n}-k trained; k={n} trains the head only)."
         )
     return path, mconf
 
@@ -276,3 +276,28 @@ def load_top(cfg: Config, num_labels: int, label_names=None):
     full = load_full_model(cfg, num_labels, label_names)
     digest = frozen_weights_sha256(cfg, full.base_model)  # before split_top drops the frozen part
     return split_top(full, cfg.k), digest
+
+
+# a layer weight in a model's state dict: (prefix up to the layer list, index, rest)
+TOP_LAYER = re.compile(r"^(.*(?:encoder|transformer)\.layer\.)(\d+)\.(.*)$")
+
+
+def carry_over(top_state: dict, target: nn.Module, shift: int, frozen_missing: bool = False) -> None:
+    """Copy a trained top into a model that starts `shift` layers lower: the top's layer i becomes the target's
+    layer i + shift; pooler and head keep their names. The target's lower `shift` layers keep their own weights
+    (gradual unfreezing: the blocks being unfrozen; export: the frozen bottom), and with frozen_missing so do its
+    embeddings (export into the full model). Any other mismatch is an error."""
+    state = {}
+    for name, t in top_state.items():
+        m = TOP_LAYER.match(name)
+        state[f"{m.group(1)}{int(m.group(2)) + shift}.{m.group(3)}" if m else name] = t
+    missing, unexpected = target.load_state_dict(state, strict=False)
+
+    def expected(n):
+        m = TOP_LAYER.match(n)
+        return (m and int(m.group(2)) < shift) or (frozen_missing and not m and _FILE_BOTTOM_KEY.match(n))
+
+    wrong = [n for n in missing if not expected(n)]
+    if unexpected or wrong:
+        raise PipelineError(f"the trained top does not fit the model: unexpected weights {unexpected[:5]}, "
+                            f"missing {wrong[:5]}")

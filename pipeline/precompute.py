@@ -12,7 +12,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import accelerate
 import datasets
@@ -33,7 +33,7 @@ from .model import frozen_weights_sha256, load_bottom, load_model_config, load_t
 _IDENTITY_WORDS = {
     "format_version": "the cache format version",
     "cache_key": "the config fields that shape the cache",
-    "weights_sha256": "the model's frozen weights (embeddings + layers below k)",
+    "weights_sha256": "the model's frozen weights (embeddings + layers below each depth)",
     "tokenizer_sha256": "the tokenizer (vocabulary, normalisation or special tokens)",
     "tokenizer_settings": "the tokenizer settings (truncation side, model_max_length)",
     "dataset_fingerprint": "the dataset contents (texts, labels or rows)",
@@ -64,12 +64,16 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
 
 def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     t_start = time.perf_counter()
-    _, mconf = load_model_config(cfg)  # fails fast on unknown model / unsupported architecture / bad k
+    depths = cfg.cache_depths()
+    deepest = replace(cfg, k=max(depths))
+    for d in depths:  # fails fast on unknown model / unsupported architecture / a depth out of range
+        _, mconf = load_model_config(replace(cfg, k=d))
     data = load_labeled(cfg)
     tokenizer = load_tokenizer(cfg)
-    bottom = load_bottom(cfg)
+    bottom = load_bottom(deepest)  # one pass up to the deepest depth gives every shallower one on the way
+    weights = {str(d): frozen_weights_sha256(replace(cfg, k=d), bottom) for d in depths}
     identity = {"format_version": C.FORMAT_VERSION, "cache_key": cfg.cache_key(),
-                "weights_sha256": frozen_weights_sha256(cfg, bottom), "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                "weights_sha256": weights, "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "tokenizer_settings": {"truncation_side": tokenizer.truncation_side,
                                        "model_max_length": min(tokenizer.model_max_length, 10**9)},
                 "dataset_fingerprint": data.fingerprint}
@@ -96,7 +100,7 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
                 os.remove(tmp)
             raise PipelineError(f"cannot write the cache layout to {tmp}: {e}. Free disk space or choose another "
                                 f"--cache-dir.") from None
-    raw = _raw_layout(tmp, cfg.k)
+    raw = _raw_layout(tmp, depths)
     skipped = int(raw["progress"].sum())
     if skipped:
         print(f"resuming {tmp}: {skipped} of {n_total} examples ({skipped / n_total:.0%}) were committed before the "
@@ -108,10 +112,11 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     # into the space allocated for them, so a kill or a failed write can never leave HDF5 metadata half-written.
     fd = os.open(tmp, os.O_RDWR)
     try:
-        bar = tqdm(total=n_total, initial=skipped, desc=f"precompute k={cfg.k}", unit="ex", dynamic_ncols=True,
+        bar = tqdm(total=n_total, initial=skipped, desc=f"precompute depths={','.join(map(str, depths))}", unit="ex",
+                   dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15)
         for si, (split, p) in enumerate(plan.items()):
-            _write_split(fd, raw, si, split, p, bottom, cfg, tokenizer, dtype, device, bar)
+            _write_split(fd, raw, si, split, p, bottom, depths, cfg, tokenizer, dtype, device, bar)
         bar.close()
         try:
             with h5py.File(tmp, "r+") as f:
@@ -150,9 +155,13 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     secs = time.perf_counter() - t0
     size = os.path.getsize(out)
     n_tok = totals["tokens"]
+    per_depth = n_tok * mconf.hidden_size * dtype.itemsize
     print(f"precompute done: {n_total} examples, {n_tok} tokens, {size / 2**20:.1f} MiB ({size / max(n_tok, 1):.0f} "
           f"B/token), {secs:.1f} s ({totals['computed_examples'] / secs:.0f} ex/s computed"
           f"{f', {skipped} resumed' if skipped else ''}) -> {out}")
+    print(f"storage: {per_depth / 2**20:.1f} MiB per cached depth ({mconf.hidden_size * dtype.itemsize} B/token) x "
+          f"{len(depths)} depth(s) {depths}, plus {(size - per_depth * len(depths)) / 2**20:.1f} MiB of token ids "
+          f"and index")
     return out
 
 
@@ -225,10 +234,9 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype) -> None:
     a["model_type"] = mconf.model_type
     a["num_layers"] = mconf.num_hidden_layers
     a["hidden_size"] = mconf.hidden_size
-    a["k"] = cfg.k
-    a["depths_json"] = json.dumps([cfg.k])
+    a["depths_json"] = json.dumps(cfg.cache_depths())
     a["dtype"] = cfg.cache_dtype
-    a["weights_sha256"] = identity["weights_sha256"]
+    a["weights_sha256_json"] = json.dumps(identity["weights_sha256"], sort_keys=True)
     a["tokenizer_json"] = json.dumps({
         "class": type(tokenizer).__name__, "name_or_path": cfg.model, "sha256": identity["tokenizer_sha256"],
         "max_length": cfg.max_length, "truncation": True, "truncation_side": tokenizer.truncation_side,
@@ -254,8 +262,9 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype) -> None:
         tt = p.enc.get("token_type_ids")
         if tt is not None and any(any(t) for t in tt):  # token types only where a text pair makes them
             g["token_type_ids"] = np.concatenate([np.asarray(tt[i], dtype=np.int8) for i in p.order])
-        g.create_dataset(f"layer_{cfg.k}/hidden", shape=(int(p.offsets[-1]), mconf.hidden_size), dtype=dtype,
-                         dcpl=dcpl.copy(), fill_time="never")
+        for d in cfg.cache_depths():
+            g.create_dataset(f"layer_{d}/hidden", shape=(int(p.offsets[-1]), mconf.hidden_size), dtype=dtype,
+                             dcpl=dcpl.copy(), fill_time="never")
     f.create_dataset("progress", data=np.zeros(len(plan), dtype=np.int64))
     f.close()
 
@@ -281,11 +290,11 @@ def _resumable(tmp: str, identity: dict, plan: dict) -> bool:
     return False
 
 
-def _raw_layout(tmp: str, k: int) -> dict:
+def _raw_layout(tmp: str, depths: list) -> dict:
     """File offsets of the preallocated contiguous arrays that the loop writes, and the committed progress."""
     with h5py.File(tmp, "r") as f:
         splits = json.loads(f.attrs["splits_json"])
-        hidden = {s: f[f"{s}/layer_{k}/hidden"] for s in splits}
+        hidden = {(s, d): f[f"{s}/layer_{d}/hidden"] for s in splits for d in depths}
         return {"progress": f["progress"][:], "progress_offset": f["progress"].id.get_offset(),
                 "progress_dtype": f["progress"].dtype, "hidden_dtype": {s: d.dtype for s, d in hidden.items()},
                 "hidden_offset": {s: d.id.get_offset() for s, d in hidden.items()}}
@@ -299,9 +308,8 @@ def _committed(tmp: str) -> int:
         return 0
 
 
-def _write_split(fd, raw, si, split, p: SplitPlan, bottom, cfg, tokenizer, dtype, device, bar) -> None:
+def _write_split(fd, raw, si, split, p: SplitPlan, bottom, depths, cfg, tokenizer, dtype, device, bar) -> None:
     row_bytes = bottom.config.hidden_size * dtype.itemsize
-    base, file_dtype = raw["hidden_offset"][split], raw["hidden_dtype"][split]  # bytes exactly as HDF5 stores them
     keys = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in p.enc else [])
     t0, done_tok = time.perf_counter(), 0
     bs, n = cfg.precompute_batch_size, len(p.order)
@@ -310,10 +318,13 @@ def _write_split(fd, raw, si, split, p: SplitPlan, bottom, cfg, tokenizer, dtype
             rows = p.order[start:start + bs]
             batch = tokenizer.pad({key: [p.enc[key][i] for i in rows] for key in keys}, return_tensors="pt")
             batch = {key: v.to(device) for key, v in batch.items() if key in keys + ["attention_mask"]}
-            h = bottom(**batch).last_hidden_state
-            real = h[batch["attention_mask"].bool()]  # [sum(len), H], example after example
-            data = real.to("cpu", torch.float32).numpy().astype(file_dtype, copy=False).tobytes()
-            _pwrite_all(fd, data, base + int(p.offsets[start]) * row_bytes)
+            out = bottom(**batch, output_hidden_states=len(depths) > 1)
+            mask = batch["attention_mask"].bool()
+            for d in depths:  # hidden_states[d] is the output of layer d (0: the embeddings)
+                h = out.hidden_states[d] if len(depths) > 1 else out.last_hidden_state
+                real = h[mask]  # [sum(len), H], example after example
+                data = real.to("cpu", torch.float32).numpy().astype(raw["hidden_dtype"][split, d], copy=False)
+                _pwrite_all(fd, data.tobytes(), raw["hidden_offset"][split, d] + int(p.offsets[start]) * row_bytes)
             os.fsync(fd)  # commit: the rows reach the disk before /progress says so
             _pwrite_all(fd, np.asarray([start + len(rows)], raw["progress_dtype"]).tobytes(), raw["progress_offset"] + 8 * si)
             done_tok += real.shape[0]

@@ -7,10 +7,11 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import save_file
@@ -25,7 +26,7 @@ from .cache import CachedSplit, collate, open_cache
 from .config import Config
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
-from .model import load_top
+from .model import TOP_LAYER, carry_over, load_top
 
 
 def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
@@ -53,13 +54,23 @@ def epoch_seed(cfg: Config, epoch: int) -> int:
     return cfg.seed * 1000 + epoch
 
 
-def build_optimizer(model, cfg: Config, total_steps: int):
-    """AdamW (no weight decay on biases and LayerNorm weights) + linear warmup/decay over total_steps."""
+def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = None, num_layers: int | None = None):
+    """AdamW (no weight decay on biases and LayerNorm weights) + linear warmup/decay over total_steps. With
+    cfg.layer_lr_decay < 1 (discriminative lr), top layer i (original layer depth + i) gets
+    lr * decay^(num_layers - depth - i); pooler and head get lr."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0}], lr=cfg.lr)
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = TOP_LAYER.match(n)
+        scale = 1.0
+        if m and cfg.layer_lr_decay != 1.0:
+            scale = cfg.layer_lr_decay ** (num_layers - depth - int(m.group(2)))
+        wd = 0.0 if n.endswith(no_decay) else cfg.weight_decay
+        groups.setdefault((scale, wd), []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd}
+                                   for (scale, wd), ps in sorted(groups.items(), reverse=True)], lr=cfg.lr)
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
@@ -142,144 +153,203 @@ def save_checkpoint(accelerator, run_dir: str, state: dict) -> None:
     accelerator.wait_for_everyone()
 
 
-def train(cfg: Config, cache_path: str | None = None, resume: bool = False) -> dict:
+def _tracker_config(cfg: Config) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
+
+
+def _check_tracker(name: str) -> None:
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    if name not in available:
+        raise PipelineError(f"--report-to {name}: that tracker is not installed here (available: "
+                            f"{', '.join(available) or 'none'}). For TensorBoard: pip install tensorboard.")
+
+
+def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shared: dict | None = None) -> dict:
+    """Train the top on cached states. With cfg.stages, gradual unfreezing: one stage per depth, cfg.epochs each,
+    every stage starting from the previous stage's weights. `shared` (sweeps) keeps loaded splits across runs."""
     path = cache_path or cfg.cache_path()
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
+    if cfg.report_to != "none":
+        _check_tracker(cfg.report_to)
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # Several runs in one process (tests, sweeps) may differ in mixed precision: Accelerate keeps that in a
-    # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.grad_accum)
     name = [cfg.run_name or time.strftime("%Y%m%d-%H%M%S")]
-    if accelerator.num_processes > 1:  # every process must use the main one's timestamp
+    if PartialState(cpu=cfg.cpu or multi_cpu).num_processes > 1:  # every process uses the main one's timestamp
         broadcast_object_list(name)
     run_dir = os.path.join(cfg.runs_dir, name[0])
     ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
     if ckpt is None and state is not None:  # finished earlier
-        accelerator.print(f"run {run_dir} has already finished; its final metrics:")
-        accelerator.print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
+        print(f"run {run_dir} has already finished; its final metrics:")
+        print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
         return {"run_dir": run_dir, **state["metrics"]}
     ensure_writable_dir(run_dir, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
-    set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
-    model, digest = load_top(cfg, info.num_labels, info.label_names)
-    if digest != info.weights_sha256:
-        raise PipelineError(
-            f"the frozen weights of {cfg.model!r} (layers 0..{cfg.k - 1} + embeddings) differ from those that built "
-            f"{path}; the model changed since precompute. Rebuild with `make precompute ARGS=--force`."
-        )
-    train_ds = CachedSplit(path, "train", cfg.k, cfg.in_memory)
-    val_ds = CachedSplit(path, "validation", cfg.k, cfg.in_memory)
-    pin = accelerator.device.type == "cuda"
-    # The shuffling generator is reseeded with (seed, epoch) at every epoch start, so the order of any epoch can be
-    # rebuilt on resume; the loaders' own generators keep DataLoader seeding off the global RNG (dropout's).
-    shuffle_gen = torch.Generator()
-    train_dl = make_loader(train_ds, cfg, True, pin, shuffle_gen)
-    val_dl = make_loader(val_ds, cfg, False, pin, torch.Generator())
-
-    steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps <= 0 else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
-
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Several runs in one process (tests, sweeps) may differ in mixed precision: Accelerate keeps that in a
+    # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
+    AcceleratorState._reset_state()
+    tracking = cfg.report_to != "none"
+    accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.grad_accum, project_dir=run_dir,
+                              log_with=cfg.report_to if tracking else None)
+    if tracking:
+        accelerator.init_trackers(cfg.report_to, config=_tracker_config(cfg))
+    stages = cfg.stage_depths()
+    total_epochs = cfg.epochs * len(stages)  # cfg.epochs per stage
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
-    if ckpt is not None:
-        try:  # Accelerate reads the model from safetensors and the rest with torch.load(weights_only=True)
-            accelerator.load_state(ckpt)
-        except Exception as e:  # an unpickling refusal, a damaged file
-            raise PipelineError(
-                f"cannot load checkpoint {ckpt}: {first_line(e)}. Only plain tensors and numbers are accepted (no "
-                f"pickled code). Delete that checkpoint folder to resume from an earlier one, or start a new run."
-            ) from None
-        accelerator.print(f"resuming {run_dir} from {ckpt}: epoch {state['epoch']}, step {state['step']}, "
-                          f"{state['batches_done']} batches of the epoch done")
-    else:
+    if state is None:
         state = {"epoch": 1, "step": 0, "batches_done": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
                  "metrics": {}}
-    if accelerator.is_main_process:
-        if ckpt is None:
-            with open(os.path.join(run_dir, "config.json"), "w") as fh:
-                json.dump({"config": cfg.to_dict(), "cache": path, "cache_attrs": {
-                    k: info.attrs[k] for k in ("weights_sha256", "dataset_fingerprint", "k", "dtype", "num_layers")},
-                    "label_names": info.label_names, "trainable_params": n_trainable,
-                    "num_processes": accelerator.num_processes, "device": str(accelerator.device)}, fh, indent=2,
-                    default=str)
-        records = [] if ckpt is None else [line for line in open(metrics_file) if json.loads(line)["epoch"] <
-                                           state["epoch"]]  # drop records of epochs that are being redone
-        with open(metrics_file, "w") as fh:
-            fh.writelines(records)
-    accelerator.print(f"train: {len(train_ds)} train / {len(val_ds)} validation examples from {path}; "
-                      f"top {info.num_layers - cfg.k} of {info.num_layers} layers + head, {n_trainable / 1e6:.2f}M "
-                      f"trainable params, {accelerator.num_processes} process(es) on {accelerator.device}")
-
-    step, metrics = state["step"], state["metrics"]
-    model.train()
-    for epoch in range(state["epoch"], cfg.epochs + 1):
-        shuffle_gen.manual_seed(epoch_seed(cfg, epoch))
-        skip = state["batches_done"] if epoch == state["epoch"] else 0
-        resumed = skip > 0
-        t0 = time.perf_counter()
-        tokens, loss_sum, n_batches, prior_s = ((state["tokens"], state["loss_sum"], skip, state["seconds"]) if resumed
-                                                else (0, 0.0, 0, 0.0))
-        loader = accelerator.skip_first_batches(train_dl, skip) if resumed else train_dl
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", dynamic_ncols=True, initial=skip,
-                   total=len(train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
-                   disable=not accelerator.is_local_main_process)
-        for batch in bar:
-            with accelerator.accumulate(model):
-                out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
-                            labels=batch["labels"])
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            loss_sum += out.loss.item()
-            n_batches += 1
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}",
-                            refresh=False)
-            if accelerator.sync_gradients:
-                step += 1
-                last = (cfg.max_steps > 0 and step >= cfg.max_steps) or n_batches == len(train_dl)
-                if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
-                    save_checkpoint(accelerator, run_dir, {
-                        "epoch": epoch, "step": step, "batches_done": n_batches, "loss_sum": loss_sum,
-                        "tokens": tokens, "seconds": prior_s + time.perf_counter() - t0, "metrics": metrics})
-            if cfg.max_steps > 0 and step >= cfg.max_steps:
-                break
-        secs = prior_s + time.perf_counter() - t0
-        metrics = evaluate(model, val_dl, accelerator, cfg.task)
-        record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n_batches, 1), "train_seconds": secs,
-                  "train_tokens_per_s": tokens / secs, **{f"val_{k}": v for k, v in metrics.items()}}
-        accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if accelerator.is_main_process:
-            with open(metrics_file, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        if cfg.max_steps > 0 and step >= cfg.max_steps:
-            break
-        if epoch < cfg.epochs and cfg.checkpoint_every >= 0:  # epoch boundary: resume starts the next epoch
-            save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "batches_done": 0,
+    set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
+    step, metrics, prev, n_trainable = state["step"], state["metrics"], None, 0
+    for si in range((state["epoch"] - 1) // cfg.epochs, len(stages)):
+        depth = stages[si]
+        model, digest = load_top(replace(cfg, k=depth), info.num_labels, info.label_names)
+        if digest != info.weights_sha256[depth]:
+            raise PipelineError(
+                f"the frozen weights of {cfg.model!r} (embeddings + layers below {depth}) differ from those that "
+                f"built {path}; the model changed since precompute. Rebuild with `make precompute ARGS=--force`.")
+        if prev is not None:
+            carry_over(prev.state_dict(), model, stages[si - 1] - depth)
+        train_ds = _split(shared, path, "train", depth, cfg.in_memory)
+        val_ds = _split(shared, path, "validation", depth, cfg.in_memory)
+        pin = accelerator.device.type == "cuda"
+        # The shuffling generator is reseeded with (seed, epoch) at every epoch start, so the order of any epoch can
+        # be rebuilt on resume; the loaders' own generators keep DataLoader seeding off the global RNG (dropout's).
+        shuffle_gen = torch.Generator()
+        train_dl = make_loader(train_ds, cfg, True, pin, shuffle_gen)
+        val_dl = make_loader(val_ds, cfg, False, pin, torch.Generator())
+        steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
+        total_steps = steps_per_epoch * cfg.epochs
+        if cfg.max_steps > 0:
+            total_steps = min(cfg.max_steps, total_steps)
+        optimizer, scheduler = build_optimizer(model, cfg, total_steps, depth, info.num_layers)
+        accelerator.free_memory()  # forget the previous stage's prepared objects (save_state saves what is held)
+        model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl,
+                                                                            scheduler)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if ckpt is not None:
+            try:  # Accelerate reads the model from safetensors and the rest with torch.load(weights_only=True)
+                accelerator.load_state(ckpt)
+            except Exception as e:  # an unpickling refusal, a damaged file
+                raise PipelineError(
+                    f"cannot load checkpoint {ckpt}: {first_line(e)}. Only plain tensors and numbers are accepted "
+                    f"(no pickled code). Delete that checkpoint folder to resume from an earlier one, or start a "
+                    f"new run.") from None
+            accelerator.print(f"resuming {run_dir} from {ckpt}: epoch {state['epoch']}, step {state['step']}, "
+                              f"{state['batches_done']} batches of the epoch done")
+        if ckpt is None and si == 0:  # a fresh run
+            if accelerator.is_main_process:
+                with open(os.path.join(run_dir, "config.json"), "w") as fh:
+                    json.dump({"config": cfg.to_dict(), "cache": path, "cache_attrs": {
+                        k: info.attrs[k] for k in ("weights_sha256_json", "dataset_fingerprint", "depths_json",
+                                                   "dtype", "num_layers")},
+                        "label_names": info.label_names, "trainable_params": n_trainable, "stages": stages,
+                        "num_processes": accelerator.num_processes, "device": str(accelerator.device)}, fh, indent=2,
+                        default=str)
+                open(metrics_file, "w").close()
+        elif ckpt is not None:  # resumed: drop the records of epochs that are being redone
+            if accelerator.is_main_process:
+                records = [line for line in open(metrics_file) if json.loads(line)["epoch"] < state["epoch"]]
+                with open(metrics_file, "w") as fh:
+                    fh.writelines(records)
+        elif cfg.checkpoint_every >= 0:  # a new stage: checkpoint the handed-over weights and the new optimizer
+            save_checkpoint(accelerator, run_dir, {"epoch": si * cfg.epochs + 1, "step": step, "batches_done": 0,
                                                    "loss_sum": 0.0, "tokens": 0, "seconds": 0.0, "metrics": metrics})
+        ckpt = None
+        what = (f"stage {si + 1}/{len(stages)}: " if len(stages) > 1 else "") + (
+            f"top {info.num_layers - depth} of {info.num_layers} layers + head" if depth < info.num_layers
+            else "head only (pooler + classifier)")
+        accelerator.print(f"train: {len(train_ds)} train / {len(val_ds)} validation examples from {path}; {what}, "
+                          f"{n_trainable / 1e6:.2f}M trainable params, {accelerator.num_processes} process(es) on "
+                          f"{accelerator.device}")
+        model.train()
+        first = max(state["epoch"], si * cfg.epochs + 1)
+        for epoch in range(first, (si + 1) * cfg.epochs + 1):
+            shuffle_gen.manual_seed(epoch_seed(cfg, epoch))
+            skip = state["batches_done"] if epoch == state["epoch"] else 0
+            resumed = skip > 0
+            t0 = time.perf_counter()
+            tokens, loss_sum, n_batches, prior_s = ((state["tokens"], state["loss_sum"], skip, state["seconds"])
+                                                    if resumed else (0, 0.0, 0, 0.0))
+            loader = accelerator.skip_first_batches(train_dl, skip) if resumed else train_dl
+            bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs}", unit="batch", dynamic_ncols=True, initial=skip,
+                       total=len(train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
+                       disable=not accelerator.is_local_main_process)
+            stage_done = False
+            for batch in bar:
+                with accelerator.accumulate(model):
+                    out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
+                                labels=batch["labels"])
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                loss_sum += out.loss.item()
+                n_batches += 1
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}",
+                                tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}", refresh=False)
+                if accelerator.sync_gradients:
+                    step += 1
+                    stage_done = cfg.max_steps > 0 and step - si * total_steps >= cfg.max_steps
+                    last = stage_done or n_batches == len(train_dl)
+                    if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
+                        save_checkpoint(accelerator, run_dir, {
+                            "epoch": epoch, "step": step, "batches_done": n_batches, "loss_sum": loss_sum,
+                            "tokens": tokens, "seconds": prior_s + time.perf_counter() - t0, "metrics": metrics})
+                if stage_done:
+                    break
+            secs = prior_s + time.perf_counter() - t0
+            metrics = evaluate(model, val_dl, accelerator, cfg.task)
+            record = {"epoch": epoch, "stage": si + 1, "depth": depth, "step": step,
+                      "train_loss": loss_sum / max(n_batches, 1), "train_seconds": secs,
+                      "train_tokens_per_s": tokens / secs, **{f"val_{k}": v for k, v in metrics.items()}}
+            accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in record.items()))
+            if tracking:
+                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=step)
+            if accelerator.is_main_process:
+                with open(metrics_file, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            if stage_done or epoch == (si + 1) * cfg.epochs:
+                break  # the next stage (if any) checkpoints its own model once it is built
+            if cfg.checkpoint_every >= 0:  # resume starts the next epoch
+                save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "batches_done": 0,
+                                                       "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
+                                                       "metrics": metrics})
+        prev = accelerator.unwrap_model(model)
+        state["epoch"] = (si + 1) * cfg.epochs + 1
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        top = accelerator.unwrap_model(model)
-        state_dict = {n: t.detach().cpu().contiguous() for n, t in top.state_dict().items()}
+        state_dict = {n: t.detach().cpu().contiguous() for n, t in prev.state_dict().items()}
         save_file(state_dict, os.path.join(run_dir, "top.safetensors"),
-                  metadata={"config_json": cfg.to_json(), "k": str(cfg.k), "num_layers": str(info.num_layers),
+                  metadata={"config_json": cfg.to_json(), "k": str(stages[-1]), "num_layers": str(info.num_layers),
                             "label_names_json": json.dumps(info.label_names), "cache": path})
-        top.config.to_json_file(os.path.join(run_dir, "top_config.json"))
+        prev.config.to_json_file(os.path.join(run_dir, "top_config.json"))
+        records = [json.loads(line) for line in open(metrics_file)]
         with open(os.path.join(run_dir, "results.json"), "w") as fh:  # marks the run finished
-            json.dump({"metrics": metrics, "step": step, "trainable_params": n_trainable}, fh, indent=2)
+            json.dump({"metrics": metrics, "step": step, "trainable_params": n_trainable, "k": stages[-1],
+                       "train_seconds": sum(r["train_seconds"] for r in records)}, fh, indent=2)
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    if tracking:
+        accelerator.end_training()
     final = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     accelerator.print(f"run dir: {run_dir}")
     accelerator.print(final)
     return {"run_dir": run_dir, **metrics}
+
+
+def _split(shared: dict | None, path: str, split: str, depth: int, in_memory: bool) -> CachedSplit:
+    if shared is None:
+        return CachedSplit(path, split, depth, in_memory)
+    key = (os.path.abspath(path), split, depth, in_memory)
+    if key not in shared:
+        shared[key] = CachedSplit(path, split, depth, in_memory)
+    return shared[key]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -68,17 +69,20 @@ def check(cfg: Config, cache_path: str | None = None, recompute: int = 0) -> Non
         with h5py.File(path, "r") as f:
             attrs = read_attrs(f)
         built = Config.from_dict(json.loads(attrs["config_json"]))  # plain JSON, never executed
-        base = None if safetensors_files(built) else load_full_model(built, int(attrs["num_labels"])).base_model
-        if frozen_weights_sha256(built, base) != attrs["weights_sha256"]:
-            problems.append(f"the frozen weights of {built.model!r} (embeddings + layers below k={built.k}) are not "
-                            f"the ones that built the cache (sha256 differs)")
-        del base
-        r = verify(built, path, samples=recompute)
-        if r["hidden_within_tolerance"]:
-            print(f"ok    {r['examples']} recomputed rows match the cache ({r['tolerance']})")
-        else:
-            problems.append(f"recomputed rows differ from the cache beyond {r['tolerance']} "
-                            f"(max abs diff {r['max_abs_hidden_diff']:.3g}): the model or the file changed")
+        hashes = json.loads(attrs["weights_sha256_json"])
+        for d in json.loads(attrs["depths_json"]):
+            at = replace(built, k=d)
+            base = None if safetensors_files(at) else load_full_model(at, int(attrs["num_labels"])).base_model
+            if frozen_weights_sha256(at, base) != hashes[str(d)]:
+                problems.append(f"the frozen weights of {built.model!r} (embeddings + layers below {d}) are not "
+                                f"the ones that built the cache (sha256 differs)")
+            del base
+            r = verify(at, path, samples=recompute)
+            if r["hidden_within_tolerance"]:
+                print(f"ok    depth {d}: {r['examples']} recomputed rows match the cache ({r['tolerance']})")
+            else:
+                problems.append(f"depth {d}: recomputed rows differ from the cache beyond {r['tolerance']} "
+                                f"(max abs diff {r['max_abs_hidden_diff']:.3g}): the model or the file changed")
     if problems:
         for line in problems:
             print(f"FAIL  {line}")

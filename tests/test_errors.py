@@ -79,8 +79,8 @@ def test_missing_labels(tmp_path, tiny_model, capsys):
 
 
 def test_k_out_of_range(tmp_path, tiny_model, small_csv, capsys):
-    err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), small_csv), "--k", 3)
-    assert "k=3 is out of range" in err and "0 <= k <= 2" in err
+    err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), small_csv), "--k", 4)
+    assert "depth 4 is out of range" in err and "0 <= k <= 3" in err and "k=3 trains the head only" in err
     err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), small_csv), "--k", -1)
     assert "k=-1 must be >= 0" in err
 
@@ -107,7 +107,9 @@ def test_cache_for_another_k_or_model_is_refused(tmp_path, tiny_model, small_csv
     capsys.readouterr()
     (cache,) = (tmp_path / "cache").glob("*.h5")
     err = _fail(capsys, "train", *_opts(tmp_path, tiny_model(), small_csv), "--k", 2, "--cache", cache)
-    assert "k: cache has 1, config wants 2" in err and "make precompute" in err
+    assert "holds the hidden states at depths [1]; this run trains from depth(s) [2]" in err and "--depths 1,2" in err
+    err = _fail(capsys, "train", *_opts(tmp_path, tiny_model(), small_csv), "--k", 2)
+    assert "no cache at" in err
     err = _fail(capsys, "train", *_opts(tmp_path, tiny_model("roberta"), small_csv), "--cache", cache)
     assert "model: cache has" in err
     err = _fail(capsys, "train", *_opts(tmp_path, tiny_model(), small_csv), "--max-length", 16, "--cache", cache)

@@ -45,7 +45,7 @@ def test_logits_and_grads_match_full_model(tmp_path, tiny_model, small_csv, mode
     path = precompute(cfg)
     info = open_cache(path, cfg)
     full, top = _full_and_top(cfg, info)
-    assert info.weights_sha256 == frozen_weights_sha256(cfg)
+    assert info.weights_sha256 == {k: frozen_weights_sha256(cfg)}
     enc, batch = _batch(cfg, path)
     assert torch.equal(batch["attention_mask"], enc["attention_mask"])
 
@@ -139,8 +139,8 @@ def test_legacy_bin_checkpoint_takes_the_full_load_path(tmp_path, tiny_model, sm
     cfg = tiny_cfg(tmp_path, str(folder), small_csv, k=1, cache_dtype="float32")
     assert safetensors_files(cfg) == []
     info = open_cache(precompute(cfg), cfg)
-    assert info.weights_sha256 == "model:" + bottom_weights_sha256(model.bert, 1)
+    assert info.weights_sha256 == {1: "model:" + bottom_weights_sha256(model.bert, 1)}
     top, digest = load_top(cfg, 2, ["fresh", "rotten"])
-    assert digest == info.weights_sha256
+    assert digest == info.weights_sha256[1]
     ref = split_top(model, 1).state_dict()
     assert all(torch.equal(top.state_dict()[n], t) for n, t in ref.items())
