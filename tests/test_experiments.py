@@ -216,7 +216,7 @@ def test_discriminative_lr_per_layer(no_dropout_bert, small_csv, tmp_path):
     cfg = _cfg(tmp_path, no_dropout_bert, small_csv, k=1, lr=1e-3, layer_lr_decay=0.5)
     top, _ = load_top(cfg, 2, ["a", "b"])
     opt, _ = build_optimizer(top, cfg, 10, depth=1, num_layers=3)
-    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # before warmup
     named = dict(top.named_parameters())
     # original layers 1 and 2 (top-local 0 and 1): lr * 0.5^2 and lr * 0.5; pooler and head: lr
     assert lr_of[id(named["bert.encoder.layer.0.output.dense.weight"])] == pytest.approx(2.5e-4)
