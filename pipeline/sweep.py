@@ -76,6 +76,7 @@ def sweep(base: Config, grid_file: str) -> str:
     out_dir = os.path.join(base.runs_dir, spec["name"])
     print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos})} cache(s) -> {out_dir}")
     shared, rows = {}, []  # shared: each cached split is loaded once for all runs
+    grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
     for n, (p, cfg, info) in enumerate(zip(points, cfgs, infos), 1):
         run_dir = os.path.join(cfg.runs_dir, cfg.run_name)
         if os.path.exists(os.path.join(run_dir, "results.json")):
@@ -86,25 +87,24 @@ def sweep(base: Config, grid_file: str) -> str:
                 shutil.rmtree(run_dir)
             print(f"[{n}/{len(points)}] {slug(p)}: {'resuming' if resume else 'training'}")
             train(cfg, resume=resume, shared=shared)
-        rows.append(_row(p, cfg, info, run_dir, out_dir))
-    write_results(rows, list(points[0]) if points else [], out_dir)
+        rows.append(_row(cfg, info, run_dir, out_dir, grid_keys))
+    write_results(rows, out_dir)
     return out_dir
 
 
-def _row(point: dict, cfg: Config, info, run_dir: str, out_dir: str) -> dict:
+def _row(cfg: Config, info, run_dir: str, out_dir: str, grid_keys: list) -> dict:
     with open(os.path.join(run_dir, "results.json")) as fh:
         res = json.load(fh)
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     primary = "val_accuracy" if cfg.task == "classification" else "val_pearson"
-    row = {"run": os.path.relpath(run_dir, out_dir), "strategy": strategy(cfg, info.num_layers),
-           "trainable_blocks": info.num_layers - res["k"], **{k: v for k, v in point.items() if k != "k"},
-           f"best_{primary[4:]}": max(r[primary] for r in records),
-           **{f"final_{k}": v for k, v in res["metrics"].items()},
-           "seconds": round(res["train_seconds"], 1), "trainable_params": res["trainable_params"]}
-    return row
+    return {"run": os.path.relpath(run_dir, out_dir), "strategy": strategy(cfg, info.num_layers),
+            "trainable_blocks": info.num_layers - res["k"], **{k: getattr(cfg, k) for k in grid_keys},
+            f"best_{primary[4:]}": max(r[primary] for r in records),
+            **{f"final_{k}": v for k, v in res["metrics"].items()},
+            "seconds": round(res["train_seconds"], 1), "trainable_params": res["trainable_params"]}
 
 
-def write_results(rows: list, grid_keys: list, out_dir: str) -> None:
+def write_results(rows: list, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
@@ -112,12 +112,14 @@ def write_results(rows: list, grid_keys: list, out_dir: str) -> None:
         w.writeheader()
         w.writerows(rows)
 
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else ("" if v is None else str(v))
+    def fmt(column, v):
+        if column.startswith(("best_", "final_")):
+            return f"{v:.4f}"
+        return "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
-        cells = [f"[{r['run']}]({r['run']})" if c == "run" else fmt(r.get(c)) for c in columns]
+        cells = [f"[{r['run']}]({r['run']})" if c == "run" else fmt(c, r.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, "results.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -137,10 +139,12 @@ def plot(rows: list, path: str) -> None:
 
     metric = "final_accuracy" if rows and "final_accuracy" in rows[0] else "final_pearson"
     skip = {"run", "strategy", "trainable_blocks", "seed", "seconds", "trainable_params", "stages"}
+    varying = [k for k in (rows[0] if rows else {}) if k not in skip and not k.startswith(("best_", "final_"))
+               and len({str(r.get(k)) for r in rows}) > 1]
     series = {}
     for r in rows:
         kind = "gradual unfreezing" if r["strategy"].startswith("gradual") else "fixed depth"
-        others = ", ".join(f"{k}={r[k]}" for k in r if k not in skip and not k.startswith(("best_", "final_")))
+        others = ", ".join(f"{k}={r[k]:g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in varying)
         series.setdefault(f"{kind}{', ' + others if others else ''}", {}).setdefault(
             r["trainable_blocks"], []).append(r[metric])
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -149,6 +153,7 @@ def plot(rows: list, path: str) -> None:
         means = [float(np.mean(by_x[x])) for x in xs]
         stds = [float(np.std(by_x[x])) for x in xs]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=label)
+    ax.set_xticks(sorted({x for by_x in series.values() for x in by_x}))
     ax.set_xlabel("trainable encoder blocks (0 = head only)")
     ax.set_ylabel(metric.replace("_", " ") + " (validation)")
     ax.set_title("sweep: mean ± std over seeds")
