@@ -1,7 +1,6 @@
 """Real tiny models (random weights, saved with save_pretrained) and small real data files for the tests."""
 import bz2
 import csv
-import io
 import os
 import subprocess
 import sys

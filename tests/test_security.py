@@ -6,7 +6,6 @@ import re
 import signal
 import time
 
-import pytest
 
 from pipeline import make_config
 from pipeline.precompute import precompute
