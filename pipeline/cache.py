@@ -123,18 +123,18 @@ def _same_setup_elsewhere(path: str, cfg: Config) -> list:
     """Finished caches in the same folder built for the same setup (model, data, tokenizer settings, dtype) whose
     depths include every depth this config trains at: what the user most likely meant."""
     wanted = {k: v for k, v in cfg.cache_key().items() if k != "depths"}
-    found = []
-    for name in sorted(os.listdir(os.path.dirname(path) or ".")) if os.path.isdir(os.path.dirname(path) or ".") else []:
+    found, folder = [], os.path.dirname(path) or "."
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if not name.endswith(".h5"):
             continue
         try:
-            with h5py.File(os.path.join(os.path.dirname(path), name), "r") as f:
+            with h5py.File(os.path.join(folder, name), "r") as f:
                 key = json.loads(read_attrs(f).get("cache_key_json", "{}"))
         except (OSError, ValueError):
             continue
         if {k: v for k, v in key.items() if k != "depths"} == wanted and set(cfg.stage_depths()) <= set(
                 key.get("depths", [])):
-            found.append((os.path.join(os.path.dirname(path), name), key["depths"]))
+            found.append((os.path.join(folder, name), key["depths"]))
     return found
 
 

@@ -31,9 +31,9 @@ SUPPORTED_LAYERS = {
     "electra": "encoder.layer",
     "distilbert": "transformer.layer",
 }
-_LAYER_KEY = re.compile(r"^(?:encoder|transformer)\.layer\.(\d+)\.")
-# a layer weight in a checkpoint file, with or without the base-model prefix ("bert.", "distilbert.", ...)
-_FILE_LAYER_KEY = re.compile(r"^(?:\w+\.)?(?:encoder|transformer)\.layer\.(\d+)\.(.+)$")
+# a layer weight in a state dict or checkpoint file, with or without the base-model prefix ("bert.",
+# "distilbert.", ...): groups (prefix up to the layer list, layer index, rest of the name)
+LAYER_KEY = re.compile(r"^((?:\w+\.)?(?:encoder|transformer)\.layer\.)(\d+)\.(.+)$")
 _FILE_BOTTOM_KEY = re.compile(r"^(?:\w+\.)?(?:embeddings\.|embeddings_project\.)")
 
 
@@ -126,8 +126,8 @@ def bottom_weights_sha256(base: nn.Module, k: int) -> str:
     [0, k). Used for checkpoints that are not local safetensors folders (see frozen_weights_sha256)."""
     h = hashlib.sha256()
     for name, t in sorted(base.state_dict().items()):
-        m = _LAYER_KEY.match(name)
-        if name.startswith("pooler.") or (m and int(m.group(1)) >= k):
+        m = LAYER_KEY.match(name)
+        if name.startswith("pooler.") or (m and int(m.group(2)) >= k):
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -168,8 +168,8 @@ def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
     for f in files:
         header, start = _safetensors_header(f)
         for key, meta in header.items():
-            m = _FILE_LAYER_KEY.match(key)
-            if (m and int(m.group(1)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
+            m = LAYER_KEY.match(key)
+            if (m and int(m.group(2)) < cfg.k) or (not m and _FILE_BOTTOM_KEY.match(key)):
                 selected.append((key, f, start, meta))
     handles = {f: open(f, "rb") for f in files}
     try:
@@ -257,9 +257,9 @@ def _load_top_lean(cfg: Config, num_labels: int, label_names, files: list) -> nn
     for f in files:
         with safe_open(f, "pt") as st:
             for key in st.keys():
-                m = _FILE_LAYER_KEY.match(key)
-                if m and int(m.group(1)) >= cfg.k:
-                    state[f"{int(m.group(1)) - cfg.k}.{m.group(2)}"] = st.get_tensor(key)
+                m = LAYER_KEY.match(key)
+                if m and int(m.group(2)) >= cfg.k:
+                    state[f"{int(m.group(2)) - cfg.k}.{m.group(3)}"] = st.get_tensor(key)
     if set(state) != set(wanted) or any(state[n].shape != wanted[n].shape for n in wanted):
         return None
     layers.load_state_dict(state)
@@ -278,10 +278,6 @@ def load_top(cfg: Config, num_labels: int, label_names=None):
     return split_top(full, cfg.k), digest
 
 
-# a layer weight in a model's state dict: (prefix up to the layer list, index, rest)
-TOP_LAYER = re.compile(r"^(.*(?:encoder|transformer)\.layer\.)(\d+)\.(.*)$")
-
-
 def carry_over(top_state: dict, target: nn.Module, shift: int, frozen_missing: bool = False) -> None:
     """Copy a trained top into a model that starts `shift` layers lower: the top's layer i becomes the target's
     layer i + shift; pooler and head keep their names. The target's lower `shift` layers keep their own weights
@@ -289,12 +285,12 @@ def carry_over(top_state: dict, target: nn.Module, shift: int, frozen_missing: b
     embeddings (export into the full model). Any other mismatch is an error."""
     state = {}
     for name, t in top_state.items():
-        m = TOP_LAYER.match(name)
+        m = LAYER_KEY.match(name)
         state[f"{m.group(1)}{int(m.group(2)) + shift}.{m.group(3)}" if m else name] = t
     missing, unexpected = target.load_state_dict(state, strict=False)
 
     def expected(n):
-        m = TOP_LAYER.match(n)
+        m = LAYER_KEY.match(n)
         return (m and int(m.group(2)) < shift) or (frozen_missing and not m and _FILE_BOTTOM_KEY.match(n))
 
     wrong = [n for n in missing if not expected(n)]

@@ -66,8 +66,7 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     t_start = time.perf_counter()
     depths = cfg.cache_depths()
     deepest = replace(cfg, k=max(depths))
-    for d in depths:  # fails fast on unknown model / unsupported architecture / a depth out of range
-        _, mconf = load_model_config(replace(cfg, k=d))
+    _, mconf = load_model_config(deepest)  # fails fast: unknown model, unsupported architecture, depth > L
     data = load_labeled(cfg)
     tokenizer = load_tokenizer(cfg)
     bottom = load_bottom(deepest)  # one pass up to the deepest depth gives every shallower one on the way

@@ -70,7 +70,7 @@ def sweep(base: Config, grid_file: str) -> str:
     points = grid_points(spec["grids"])
     cfgs = [Config.from_dict({**base.to_dict(), **spec["base"], **p, "run_name": f"{spec['name']}/{slug(p)}"})
             for p in points]
-    for path, c in {c.cache_path(): c for c in cfgs}.items():  # one precompute per distinct cache (no-op if there)
+    for c in {c.cache_path(): c for c in cfgs}.values():  # one precompute per distinct cache (no-op if there)
         precompute(c)
     infos = [open_cache(c.cache_path(), c) for c in cfgs]
     out_dir = os.path.join(base.runs_dir, spec["name"])

@@ -26,7 +26,7 @@ from .cache import CachedSplit, collate, open_cache
 from .config import Config
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
-from .model import TOP_LAYER, carry_over, load_top
+from .model import LAYER_KEY, carry_over, load_top
 
 
 def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
@@ -63,7 +63,7 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        m = TOP_LAYER.match(n)
+        m = LAYER_KEY.match(n)
         scale = 1.0
         if m and cfg.layer_lr_decay != 1.0:
             scale = cfg.layer_lr_decay ** (num_layers - depth - int(m.group(2)))
@@ -135,6 +135,12 @@ def _prepare_run_dir(cfg: Config, run_dir: str, resume: bool):
     return (found[0], found[1]) if found else (None, None)
 
 
+def _epoch_start(epoch: int, step: int, metrics: dict) -> dict:
+    """Trainer state at the start of an epoch (nothing of it done yet), as checkpointed and resumed."""
+    return {"epoch": epoch, "step": step, "batches_done": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
+            "metrics": metrics}
+
+
 def save_checkpoint(accelerator, run_dir: str, state: dict) -> None:
     """Accelerate save_state (model as safetensors, optimizer, scheduler, RNG of every process) + our position in
     the data as JSON, written last; older checkpoints are removed once the new one is complete."""
@@ -201,8 +207,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
     total_epochs = cfg.epochs * len(stages)  # cfg.epochs per stage
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
     if state is None:
-        state = {"epoch": 1, "step": 0, "batches_done": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
-                 "metrics": {}}
+        state = _epoch_start(1, 0, {})
     set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
     step, metrics, prev, n_trainable = state["step"], state["metrics"], None, 0
     for si in range((state["epoch"] - 1) // cfg.epochs, len(stages)):
@@ -257,8 +262,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
                 with open(metrics_file, "w") as fh:
                     fh.writelines(records)
         elif cfg.checkpoint_every >= 0:  # a new stage: checkpoint the handed-over weights and the new optimizer
-            save_checkpoint(accelerator, run_dir, {"epoch": si * cfg.epochs + 1, "step": step, "batches_done": 0,
-                                                   "loss_sum": 0.0, "tokens": 0, "seconds": 0.0, "metrics": metrics})
+            save_checkpoint(accelerator, run_dir, _epoch_start(si * cfg.epochs + 1, step, metrics))
         ckpt = None
         what = (f"stage {si + 1}/{len(stages)}: " if len(stages) > 1 else "") + (
             f"top {info.num_layers - depth} of {info.num_layers} layers + head" if depth < info.num_layers
@@ -320,9 +324,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
             if stage_done or epoch == (si + 1) * cfg.epochs:
                 break  # the next stage (if any) checkpoints its own model once it is built
             if cfg.checkpoint_every >= 0:  # resume starts the next epoch
-                save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "batches_done": 0,
-                                                       "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
-                                                       "metrics": metrics})
+                save_checkpoint(accelerator, run_dir, _epoch_start(epoch + 1, step, metrics))
         prev = accelerator.unwrap_model(model)
         state["epoch"] = (si + 1) * cfg.epochs + 1
 
