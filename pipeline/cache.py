@@ -1,11 +1,13 @@
 """The HDF5 cache: format, validation, a full integrity check, and a ragged-array torch Dataset.
 
-Layout (format_version 2), one file per (model, depths, data, tokenizer settings, dtype):
+Layout (format_version 3), one file per (model, depths, data, tokenizer settings, dtype):
   /                       attrs: format_version, complete, identity_json, config_json, cache_key_json, model,
                                  model_type, num_layers, hidden_size, depths_json, dtype, weights_sha256_json,
                                  tokenizer_json, dataset_fingerprint, num_labels, label_names_json, task,
-                                 splits_json, versions_json, created_unix, stats_json, checksums_json
-  /progress               int64 [n_splits]  examples committed per split (splits_json order); resume point
+                                 splits_json, versions_json, created_unix, stats_json, checksums_json,
+                                 batch_rows, pad_token_id, truncated_examples
+  /progress               int32 [n_batches]  per batch of the precompute plan (batch_rows examples of a split, split
+                                 after split): its example count once its rows are committed, else 0; resume point
   /<split>/offsets        int64 [N+1]  example i owns rows offsets[i]:offsets[i+1] of every flat array
   /<split>/lengths        int32 [N]    real tokens per example (no padding is stored)
   /<split>/labels         int64 [N] (classification) | float32 [N] (regression)
@@ -14,11 +16,12 @@ Layout (format_version 2), one file per (model, depths, data, tokenizer settings
   /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
   /<split>/layer_<d>/hidden  float16|float32 [T, hidden]: hidden state after layer d, one array per cached depth d
                              (depths_json), all from one pass of the bottom up to the deepest; contiguous
-Examples are stored sorted by length (stable), so contiguous rows have similar lengths.
+Examples are stored sorted by length (stable), so contiguous rows have similar lengths. Every array is contiguous
+and unfiltered: training memory-maps the hidden arrays at their file offsets (map_array).
 
 Crash safety: precompute writes `<name>.tmp`. Every array is allocated when the file is laid out, so later writes
-touch raw data only (never HDF5 metadata) and a killed writer leaves a readable file; /progress is advanced only
-after the rows it covers are flushed and fsynced. `complete` and the sha256 of every array (checksums_json) are
+touch raw data only (never HDF5 metadata) and a killed writer leaves a readable file; a batch's /progress entry is
+written only after its rows are fsynced. `complete` and the sha256 of every array (checksums_json) are
 written last, then the file is renamed to `<name>`: a file under the final name is always whole.
 """
 from __future__ import annotations
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+import psutil
 import torch
 
 from .config import Config
 from .errors import PipelineError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 RDCC_NBYTES = 64 << 20  # HDF5 chunk cache per open file (default is 1 MiB); harmless for contiguous arrays
 SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
 
@@ -256,21 +260,42 @@ def check_cache(path: str) -> tuple[list, list]:
             else:
                 ok.append(f"{len(all_ids)} examples, splits disjoint")
             progress = f["progress"][:] if "progress" in f else None
-            sizes = [f[s]["lengths"].shape[0] for s in splits]
-            if progress is None or list(progress) != sizes:
-                problems.append(f"/progress {None if progress is None else list(progress)} != split sizes {sizes}")
+            total = sum(f[s]["lengths"].shape[0] for s in splits)
+            if progress is None or not (progress > 0).all() or int(progress.sum()) != total:
+                done = None if progress is None else f"{int((progress > 0).sum())} of {len(progress)} batches"
+                problems.append(f"/progress says {done} committed, not all {total} examples")
         except (OSError, KeyError, ValueError) as e:
             problems.append(f"reading the arrays failed: {e}")
     return ok, problems
 
 
+def map_array(path: str, ds: h5py.Dataset) -> np.ndarray:
+    """A read-only memory map of an HDF5 array's bytes. The format allocates every array contiguous and unfiltered,
+    so its bytes start at one file offset: reading it is a plain memory access, served from the OS page cache that
+    every process mapping the file shares."""
+    if ds.size == 0:
+        return np.zeros(ds.shape, ds.dtype)
+    offset = ds.id.get_offset()
+    if offset is None or ds.chunks is not None or ds.compression is not None:
+        raise PipelineError(f"{path}: {ds.name} is not a contiguous, unfiltered array, so it cannot be memory-mapped; "
+                            f"rebuild the cache with `make precompute ARGS=--force`.")
+    return np.memmap(path, dtype=ds.dtype, mode="r", offset=offset, shape=ds.shape)
+
+
 class CachedSplit(torch.utils.data.Dataset):
-    """One split of the cache as a map-style dataset of (hidden [len, H], label).
+    """One split of the cache at one depth. `split.__getitems__(indices)` (what a DataLoader with a batch_sampler
+    calls) is a whole padded batch, gathered in one vectorised step from the memory-mapped hidden array:
+    {"inputs_embeds" [B, L, H] in the storage dtype, "attention_mask", "labels"}; collate with single_batch.
 
-    in_memory=True reads the split's hidden array once into RAM; otherwise rows are read from HDF5 per item and
-    the file is opened lazily in whichever process (DataLoader worker) first reads, never before a fork."""
+    Memory: the hidden states are never copied into the process (unless in_memory=True, which copies the split into
+    RAM when it fits in half the available memory); the per-example arrays (offsets, lengths, labels, ids) are.
+    The map is opened lazily in whichever process reads first (DataLoader workers map the file themselves).
+    reuse_buffers=True gathers into a ring of 4 reused buffers: a batch's tensors are overwritten 4 batches later,
+    which suits a training loop (at most one batch prefetched), not a caller that keeps batches."""
 
-    def __init__(self, path: str, split: str, k: int, in_memory: bool = True):
+    RING = 4
+
+    def __init__(self, path: str, split: str, k: int, in_memory: bool = False, reuse_buffers: bool = False):
         self.path, self.split, self.key = path, split, f"{split}/layer_{k}/hidden"
         with h5py.File(path, "r") as f:
             g = f[split]
@@ -278,47 +303,100 @@ class CachedSplit(torch.utils.data.Dataset):
             self.lengths = g["lengths"][:]
             self.labels = g["labels"][:]
             self.example_ids = g["example_ids"][:]
-            ds = f[self.key]
-            need = ds.size * ds.dtype.itemsize
-            if in_memory and need > 0.5 * _available_ram():
-                print(f"cache: {split} states need {need / 2**30:.1f} GiB, more than half the free RAM; "
-                      f"reading from {path} per batch instead of loading into memory")
-                in_memory = False
-            self._hidden = ds[:] if in_memory else None
-        self._file = None
+            self.hidden_size = f[self.key].shape[1]
+            map_array(path, f[self.key])  # fails now, with the fix, if the array cannot be mapped
+        self._hidden, self._ring, self._next = None, None, 0
+        self.reuse_buffers = reuse_buffers
+        if in_memory:
+            need = int(self.offsets[-1]) * self.hidden_size * np.dtype(self._map().dtype).itemsize
+            available = psutil.virtual_memory().available
+            if need > 0.5 * available:
+                print(f"cache: {split} states need {need / 2**30:.1f} GiB, more than half the available memory "
+                      f"({available / 2**30:.1f} GiB); memory-mapping {path} instead of copying it into RAM")
+                self._hidden = None
+            else:
+                self._hidden = np.array(self._hidden)
 
     def __len__(self):
         return len(self.lengths)
 
-    def _rows(self):
-        if self._hidden is not None:
-            return self._hidden
-        if self._file is None:
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=RDCC_NBYTES)
-        return self._file[self.key]
+    def _map(self) -> np.ndarray:
+        if self._hidden is None:
+            with h5py.File(self.path, "r") as f:
+                self._hidden = map_array(self.path, f[self.key])
+        return self._hidden
 
-    def __getitem__(self, i):
-        s, e = self.offsets[i], self.offsets[i + 1]
-        return torch.from_numpy(np.ascontiguousarray(self._rows()[s:e])), self.labels[i]
+    def _buffer(self, rows: int) -> np.ndarray:
+        """[rows, H] to gather into: fresh, or the next slot of the ring (grown when a batch is larger)."""
+        dtype = self._map().dtype
+        if not self.reuse_buffers or torch.utils.data.get_worker_info() is not None:
+            return np.empty((rows, self.hidden_size), dtype)
+        if self._ring is None:
+            self._ring = [np.empty((0, self.hidden_size), dtype)] * self.RING
+        slot = self._next = (self._next + 1) % self.RING
+        if self._ring[slot].shape[0] < rows:
+            self._ring[slot] = np.empty((rows, self.hidden_size), dtype)
+        return self._ring[slot][:rows]
 
-    def __getstate__(self):  # never pickle an open HDF5 handle into a worker
+    def __getitem__(self, i) -> dict:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices) -> dict:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lengths = self.lengths[idx]
+        width = int(lengths.max())
+        mask = np.arange(width) < lengths[:, None]
+        rows = np.where(mask, self.offsets[idx][:, None] + np.arange(width), 0).ravel()  # padding reads row 0 ...
+        out = self._buffer(len(rows))
+        np.take(self._map(), rows, axis=0, out=out, mode="clip")  # one vectorised gather (clip: no extra buffer)
+        out[~mask.ravel()] = 0  # ... and is zeroed
+        return {"inputs_embeds": torch.from_numpy(out.reshape(len(idx), width, self.hidden_size)),
+                "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+                "labels": torch.from_numpy(self.labels[idx])}
+
+    def __getstate__(self):  # workers map the file themselves; a memory map is never pickled
         state = self.__dict__.copy()
-        state["_file"] = None
+        if isinstance(self._hidden, np.memmap):
+            state["_hidden"] = None
+        state["_ring"] = None
         return state
 
 
-def _available_ram() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown platform: trust the user's in_memory setting
+def single_batch(batch):
+    """collate_fn for a dataset that returns whole batches (CachedSplit with a batch sampler)."""
+    return batch
 
 
-def collate(items):
-    """Pad a batch of ragged [len, H] states to the batch's longest; mask marks real tokens. Keeps the storage dtype
-    (fp16 travels half the bytes); the training step upcasts on the device."""
-    lengths = [h.shape[0] for h, _ in items]
-    hidden = torch.nn.utils.rnn.pad_sequence([h for h, _ in items], batch_first=True)
-    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
-    labels = torch.from_numpy(np.asarray([y for _, y in items]))
-    return {"inputs_embeds": hidden, "attention_mask": mask.long(), "labels": labels}
+class Batches(torch.utils.data.BatchSampler):
+    """Lists of example indices, one per batch. shuffle: a new order per epoch from `generator`, either
+    transformers' LengthGroupedSampler order (grouped: random megabatches of 50 batches, each sorted by length, the
+    longest batch first; the same generator calls, so the same batches) or a plain permutation (RandomSampler's);
+    else in storage order. Computed with numpy: no Python object per example. The order is drawn at the first batch
+    (as torch's BatchSampler does), so a DataLoader sharing the generator draws in the same sequence as before."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool = False, grouped: bool = True,
+                 generator: torch.Generator | None = None):
+        super().__init__(range(len(lengths)), batch_size, drop_last=False)
+        self.lengths, self.shuffle, self.grouped, self.generator = np.asarray(lengths), shuffle, grouped, generator
+
+    def order(self) -> np.ndarray:
+        n = len(self.lengths)
+        if not self.shuffle:
+            return np.arange(n)
+        perm = torch.randperm(n, generator=self.generator).numpy()
+        if not self.grouped:
+            return perm
+        size = (min(n // (self.batch_size * 4), 50) or 1) * self.batch_size
+        megabatches = [perm[i:i + size] for i in range(0, n, size)]
+        megabatches = [m[np.argsort(-self.lengths[m], kind="stable")] for m in megabatches]  # longest first, stable
+        longest = int(np.argmax([self.lengths[m[0]] for m in megabatches]))
+        megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+        return np.concatenate(megabatches)
+
+    def __iter__(self):
+        order, bs = self.order(), self.batch_size
+        for i in range(0, len(order), bs):
+            yield order[i:i + bs].tolist()
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size)

@@ -51,10 +51,14 @@ class Config:
     cache_dir: str = opt("cache", "where cache files go")
     cache_dtype: str = opt("float16", "storage dtype of hidden states: float16 | float32")
     precompute_batch_size: int = opt(64, "examples per bottom forward during precompute")
+    commit_seconds: float = opt(5.0, "precompute commits written rows (fsync + /progress) at most this many seconds "
+                                     "apart; a kill loses at most that much work (0 = after every batch)")
+    commit_mb: int = opt(256, "... and at the latest after this many MiB of rows")
     # --- training ---
     lr: float = opt(2e-4, "peak learning rate (AdamW, linear warmup/decay)")
-    batch_size: int = opt(32, "training batch size per process")
-    eval_batch_size: int = opt(128, "evaluation batch size per process")
+    batch_size: int = opt(32, "training batch size (global: split across processes, so N processes give the "
+                               "same batches and results as one)")
+    eval_batch_size: int = opt(128, "evaluation batch size (global, like batch_size)")
     epochs: int = opt(2, "training epochs")
     max_steps: int = opt(-1, "if > 0, stop after this many optimizer steps (smoke tests)")
     warmup_ratio: float = opt(0.1, "share of steps with linear warmup")
@@ -63,8 +67,9 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (Accelerate autocast)")
     seed: int = opt(42, "seed of head init, shuffling and dropout")
-    num_workers: int = opt(0, "DataLoader worker processes (each opens the HDF5 file lazily)")
-    in_memory: bool = opt(True, "load each cached split into RAM (falls back to HDF5 reads if it does not fit)")
+    num_workers: int = opt(0, "DataLoader worker processes (each maps the cache file itself)")
+    in_memory: bool = opt(False, "copy each cached split into this process's RAM instead of memory-mapping the file "
+                                 "(only if it fits in half the available memory; measured no faster: see BENCHMARKS)")
     group_by_length: bool = opt(True, "batches of similar length (HF LengthGroupedSampler): less padding")
     stages: str = opt("", "gradual unfreezing: comma-separated depth per stage, e.g. 6,5,4 = head only, then one more "
                           "block per stage (each stage trains --epochs epochs; k is then unused)")
@@ -123,6 +128,8 @@ class Config:
             problems.append(f"layer_lr_decay={self.layer_lr_decay} must be in (0, 1]")
         if self.checkpoint_every < -1:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
+        if self.commit_seconds < 0 or self.commit_mb < 1:
+            problems.append(f"commit_seconds={self.commit_seconds} must be >= 0 and commit_mb={self.commit_mb} >= 1")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if not self.text_column or not self.label_column:

@@ -65,21 +65,43 @@ def load_source(cfg: Config) -> datasets.Dataset:
     return ds
 
 
+BATCH = 65536  # rows per pass over the Arrow table: every pass holds one batch of Python values, never the data
+
+
 @dataclass
 class LabeledData:
-    texts: list
-    pairs: list | None
+    """The cleaned rows stay in the Arrow table (memory-mapped by `datasets`); only per-example numbers are arrays."""
+    ds: datasets.Dataset  # cleaned rows; row i has labels[i]
+    text_column: str
+    text_pair_column: str | None
     labels: np.ndarray  # int64 class ids or float32 targets
     label_names: list | None  # id -> name for classification
-    splits: dict  # split name -> sorted np.ndarray of row indices into texts/labels
+    splits: dict  # split name -> sorted np.ndarray of row indices into ds/labels
     fingerprint: str  # sha256 of the texts, pairs and labels actually used
 
+    def texts_at(self, idx) -> tuple[list, list | None]:
+        """The texts (and pairs) of the given rows, for the few callers that want Python strings (benchmarks)."""
+        rows = self.ds.select(np.asarray(idx))
+        return list(rows[self.text_column]), list(rows[self.text_pair_column]) if self.text_pair_column else None
 
-def _check_texts(values, column):
-    bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-    if bad:
+
+def _batches(ds: datasets.Dataset, *columns):
+    """(first row, {column: values}) per BATCH rows, reading only those columns."""
+    for start, batch in zip(range(0, len(ds), BATCH), ds.select_columns(list(columns)).iter(batch_size=BATCH)):
+        yield start, batch
+
+
+def _check_texts(ds: datasets.Dataset, column: str) -> None:
+    if ds.features[column] in (datasets.Value("string"), datasets.Value("large_string")):
+        return  # Arrow strings: the only non-text is a null, which the empty-text step already handled
+    bad, count = [], 0
+    for start, batch in _batches(ds, column):
+        rows = [start + i for i, v in enumerate(batch[column]) if not isinstance(v, str)]
+        count += len(rows)
+        bad += rows[:5 - len(bad)]
+    if count:
         raise PipelineError(
-            f"text column {column!r} has {len(bad)} missing or non-text values (first rows: {bad[:5]}); "
+            f"text column {column!r} has {count} missing or non-text values (first rows: {bad}); "
             f"clean or drop those rows."
         )
 
@@ -88,14 +110,65 @@ def _blank(v) -> bool:
     return isinstance(v, str) and not v.strip()
 
 
-def _map_labels(values, cfg: Config, feature):
-    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)]
-    if missing:
+def _missing(v) -> bool:
+    """An absent value: CSV readers turn an empty cell into None/NaN; a whitespace-only string counts too."""
+    return v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)
+
+
+def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | None]:
+    """Label ids (or regression targets) in one pass over the label column, one batch of values at a time."""
+    column, feature = cfg.label_column, ds.features[cfg.label_column]
+    parts, kinds, missing, n_missing = [], set(), [], 0
+    for start, batch in _batches(ds, column):
+        values = batch[column]
+        rows = [start + i for i, v in enumerate(values) if _missing(v)]
+        n_missing += len(rows)
+        missing += rows[:5 - len(missing)]
+        if n_missing:
+            continue
+        kinds |= {type(v) for v in values}
+        if cfg.task == "regression" or isinstance(feature, datasets.ClassLabel):
+            parts.append(values)
+        elif {type(v) for v in values} <= {str}:
+            names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+            parts.append((names, inverse.astype(np.int32)))
+        else:
+            parts.append(values)
+    if n_missing:
         raise PipelineError(
-            f"label column {cfg.label_column!r} has {len(missing)} missing (None/NaN/empty) labels "
-            f"(first rows: {missing[:5]}); drop or fill those rows."
+            f"label column {column!r} has {n_missing} missing (None/NaN/empty) labels "
+            f"(first rows: {missing}); drop or fill those rows."
         )
-    ids, names = _label_ids(values, cfg, feature)
+    if cfg.task == "regression":
+        try:
+            return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]), None
+        except (TypeError, ValueError):
+            raise PipelineError(f"task=regression needs numeric labels in {column!r}.") from None
+    if isinstance(feature, datasets.ClassLabel):
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]), list(feature.names)
+    if kinds <= {str}:  # batch-local names, merged: the sorted set of every label string
+        names = sorted(set().union(*(p[0].tolist() for p in parts)))
+        index = {n: i for i, n in enumerate(names)}
+        ids = np.concatenate([np.asarray([index[n] for n in local], dtype=np.int64)[inverse]
+                              for local, inverse in parts])
+        return ids, names
+    values = [v for p in parts for v in p] if kinds - {int, bool, np.int64} else None
+    if kinds <= {int, bool, np.int64} or (kinds <= {int, float} and all(float(v).is_integer() for v in values)):
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+        if ids.min() < 0:
+            raise PipelineError(f"label column {column!r} has negative class ids; use ids 0..n-1.")
+        return ids, [str(i) for i in range(int(ids.max()) + 1)]
+    if kinds <= {float}:
+        raise PipelineError(
+            f"label column {column!r} holds non-integer floats; use --task regression for real-valued targets."
+        )
+    raise PipelineError(
+        f"label column {column!r} mixes label types {sorted(t.__name__ for t in kinds)}; "
+        f"use all strings or all integers."
+    )
+
+
+def _check_label_range(ids: np.ndarray, names: list | None, cfg: Config) -> list | None:
     n = cfg.num_labels
     if n and names is not None:
         if len(ids) and ids.max() >= n:
@@ -107,39 +180,23 @@ def _map_labels(values, cfg: Config, feature):
                 f"0..{n - 1} (first rows: {rows[:5].tolist()}). Raise --num-labels or fix those labels."
             )
         names = names[:n] + [f"LABEL_{i}" for i in range(len(names), n)]  # classes absent from this data
-    return ids, names
+    return names
 
 
-def _label_ids(values, cfg: Config, feature):
-    if cfg.task == "regression":
-        try:
-            return np.asarray(values, dtype=np.float32), None
-        except (TypeError, ValueError):
-            raise PipelineError(f"task=regression needs numeric labels in {cfg.label_column!r}.") from None
-    if isinstance(feature, datasets.ClassLabel):
-        return np.asarray(values, dtype=np.int64), list(feature.names)
-    kinds = {type(v) for v in values}
-    if kinds <= {str}:
-        names = sorted(set(values))
-        index = {n: i for i, n in enumerate(names)}
-        return np.asarray([index[v] for v in values], dtype=np.int64), names
-    if kinds <= {int, bool, np.int64} or (kinds <= {int, float} and all(float(v).is_integer() for v in values)):
-        ids = np.asarray(values, dtype=np.int64)
-        if ids.min() < 0:
-            raise PipelineError(f"label column {cfg.label_column!r} has negative class ids; use ids 0..n-1.")
-        return ids, [str(i) for i in range(int(ids.max()) + 1)]
-    if kinds <= {float}:
-        raise PipelineError(
-            f"label column {cfg.label_column!r} holds non-integer floats; use --task regression for real-valued "
-            f"targets."
-        )
-    raise PipelineError(
-        f"label column {cfg.label_column!r} mixes label types {sorted(t.__name__ for t in kinds)}; "
-        f"use all strings or all integers."
-    )
+def _fingerprint(ds: datasets.Dataset, cfg: Config, labels: np.ndarray, names) -> str:
+    """sha256 of the texts, pairs, labels and label names actually used, streamed batch by batch."""
+    h = hashlib.sha256()
+    cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    for _, batch in _batches(ds, *cols):
+        h.update(json.dumps([batch[c] for c in cols], ensure_ascii=False).encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    h.update(json.dumps(names).encode())
+    return h.hexdigest()
 
 
 def load_labeled(cfg: Config) -> LabeledData:
+    """Load, clean, label and split the data. Memory: the rows stay in Arrow (on disk, memory-mapped); this holds
+    a few numbers per example (labels, split indices) and one batch of Python values at a time."""
     ds = load_source(cfg)
     needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     missing = [c for c in needed if c not in ds.column_names]
@@ -148,10 +205,12 @@ def load_labeled(cfg: Config) -> LabeledData:
             f"dataset {cfg.dataset!r} has no column(s) {missing}; its columns are {ds.column_names}. "
             f"Set --text-column / --label-column (and --text-pair-column) accordingly."
         )
+    ds = ds.select_columns(needed)
     if cfg.exclude_labels:
         excluded = {v.strip() for v in cfg.exclude_labels.split(",")}
         before = len(ds)
-        ds = ds.filter(lambda v: str(v) not in excluded, input_columns=cfg.label_column)
+        ds = ds.filter(lambda vs: [str(v) not in excluded for v in vs], input_columns=cfg.label_column,
+                       batched=True, batch_size=BATCH)
         if before != len(ds):
             print(f"data: dropped {before - len(ds)} of {before} rows labeled {sorted(excluded)} (exclude_labels)")
     if len(ds) == 0:
@@ -160,37 +219,35 @@ def load_labeled(cfg: Config) -> LabeledData:
     ds = _drop_empty_texts(ds, cfg)
     if 0 < cfg.max_examples < len(ds):
         ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_examples))
-    texts = list(ds[cfg.text_column])
-    _check_texts(texts, cfg.text_column)
-    pairs = None
+    _check_texts(ds, cfg.text_column)
     if cfg.text_pair_column:
-        pairs = list(ds[cfg.text_pair_column])
-        _check_texts(pairs, cfg.text_pair_column)
-    labels, names = _map_labels(list(ds[cfg.label_column]), cfg, ds.features[cfg.label_column])
+        _check_texts(ds, cfg.text_pair_column)
+    labels, names = _read_labels(ds, cfg)
+    names = _check_label_range(labels, names, cfg)
     if names is not None and len(names) < 2:
         raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
     splits = split_indices(labels, cfg)
-    payload = json.dumps([texts, pairs, labels.tolist(), names], ensure_ascii=False).encode()
-    return LabeledData(texts, pairs, labels, names, splits, hashlib.sha256(payload).hexdigest())
+    return LabeledData(ds, cfg.text_column, cfg.text_pair_column, labels, names, splits,
+                       _fingerprint(ds, cfg, labels, names))
 
 
 def _drop_empty_texts(ds: datasets.Dataset, cfg: Config) -> datasets.Dataset:
     """Rows whose text (or text pair) is empty or whitespace only: dropped with a count, or an error."""
     cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    def empty(v):  # CSV readers turn an empty cell into None/NaN: that is an empty text too
-        return v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)
-
-    blank = [i for i, vals in enumerate(zip(*(list(ds[c]) for c in cols))) if any(empty(v) for v in vals)]
-    if not blank:
+    keep = np.ones(len(ds), dtype=bool)
+    for start, batch in _batches(ds, *cols):
+        for c in cols:
+            keep[start:start + len(batch[c])] &= [not _missing(v) for v in batch[c]]
+    if keep.all():
         return ds
+    blank = np.flatnonzero(~keep)
     if cfg.empty_texts == "error":
         raise PipelineError(
-            f"{len(blank)} rows have an empty or whitespace-only text in {cols} (first rows: {blank[:5]}); remove "
-            f"them or pass --empty-texts drop."
+            f"{len(blank)} rows have an empty or whitespace-only text in {cols} (first rows: {blank[:5].tolist()}); "
+            f"remove them or pass --empty-texts drop."
         )
     print(f"data: dropped {len(blank)} of {len(ds)} rows with an empty or whitespace-only text (--empty-texts drop)")
-    gone = set(blank)
-    ds = ds.select([i for i in range(len(ds)) if i not in gone])
+    ds = ds.select(np.flatnonzero(keep))
     if len(ds) == 0:
         raise PipelineError(f"dataset {cfg.dataset!r} split {cfg.split!r} has no row with a non-empty text.")
     return ds

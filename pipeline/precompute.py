@@ -1,16 +1,25 @@
 """Run the frozen embeddings + lower k layers once over the dataset and store the hidden states in HDF5.
 
-Crash-safe and resumable (see the format notes in cache.py): the file is laid out in full first, each batch is
-committed (flushed, fsynced, then /progress advanced), and a rerun of the same command continues an interrupted
-`.tmp` from its last committed batch. One writer per cache at a time (a flock that dies with its holder)."""
+Memory stays bounded: rows stay in Arrow (datasets), tokenisation is a batched `datasets.map` into Arrow on disk, and
+only a few numbers per example are held (labels, split indices, lengths, offsets). The token ids are written into
+the cache in storage order when its layout is made; the loop then reads each batch's ids back from the file.
+
+Crash-safe and resumable (see the format notes in cache.py): the file is laid out in full first; a writer thread
+writes each batch's rows with pwrite while the next batch is computed, and commits them (fsync, then their
+batches' entries in /progress) every --commit-seconds or --commit-mb; a rerun of the same command skips every
+committed batch. Several processes (torchrun / accelerate launch): the main process lays the file out, every
+process computes and writes whole batches of that plan (batch b goes to process b % N) at their own offsets in the
+one file, and the main process finishes it. One writer per cache at a time (a flock that dies with its holder)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import platform
+import queue
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -18,6 +27,7 @@ import accelerate
 import datasets
 import h5py
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -25,9 +35,11 @@ from tqdm.auto import tqdm
 from . import cache as C
 from .config import Config
 from .data import load_labeled
+from .dist import process_state, share
 from .errors import PipelineError
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
-from .model import frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer, tokenizer_sha256
+from .model import (frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer, safetensors_files,
+                    tokenizer_sha256)
 
 # what each identity entry means, for the "built from different inputs" message
 _IDENTITY_WORDS = {
@@ -38,6 +50,7 @@ _IDENTITY_WORDS = {
     "tokenizer_settings": "the tokenizer settings (truncation side, model_max_length)",
     "dataset_fingerprint": "the dataset contents (texts, labels or rows)",
 }
+_ROWS_PER_WRITE = 1 << 16  # examples per block when token ids are written into the layout
 
 
 def library_versions() -> dict:
@@ -48,29 +61,85 @@ def library_versions() -> dict:
 
 @dataclass
 class SplitPlan:
-    order: np.ndarray  # positions within the split, sorted by token length
-    rows: np.ndarray  # the same examples as row indices into the loaded data (stored as example_ids)
-    enc: dict  # tokenizer output for the split (unpadded lists), indexed like order's targets
-    lengths: np.ndarray
-    offsets: np.ndarray
+    rows: np.ndarray  # the split's examples as row indices into the cleaned data, sorted by token length (stable)
+    lengths: np.ndarray  # int32 tokens per example, in that order
+    offsets: np.ndarray  # int64 [n+1] ragged row offsets
+
+
+@dataclass
+class Job:
+    """What the main process hands to the loop and to finish: an up-to-date check has passed, the .tmp is laid out."""
+    tmp: str
+    out: str
+    depths: list
+    hidden_size: int
+    itemsize: int  # bytes per stored value
+    totals: dict
+    t_start: float
 
 
 def precompute(cfg: Config, force: bool = False, device: str | None = None, lock_timeout: float | None = None) -> str:
     out = cfg.cache_path()
+    state = process_state(cfg.cpu)
+    if not state.is_main_process:  # the main process checks and lays out; the others compute their batches
+        status = share(state)
+        if status != "go":
+            raise SystemExit(2 if status == "error" else 0)
+        _loop(share(state), cfg, state, device)
+        state.wait_for_everyone()
+        return out
     ensure_writable_dir(os.path.dirname(out), "cache folder", "--cache-dir")
     with exclusive_lock(out + ".lock", f"cache {out}", lock_timeout):
-        return _precompute(cfg, out, force, device)
+        try:
+            job = _prepare(cfg, out, force)
+        except BaseException:
+            share(state, "error")
+            raise
+        share(state, "go" if job else "done")
+        if job is None:
+            return out
+        share(state, job)
+        try:
+            t0 = time.perf_counter()
+            _loop(job, cfg, state, device)
+            state.wait_for_everyone()
+            job.totals["loop_seconds"] = time.perf_counter() - t0  # forward + writes + commits (every process)
+            _finish(job)
+        except torch.OutOfMemoryError:
+            raise PipelineError(
+                f"the {device or 'device'} ran out of memory at --precompute-batch-size {cfg.precompute_batch_size}; "
+                f"rerun with a smaller one (committed batches are kept in {job.tmp} and the rerun resumes from them)."
+            ) from None
+        except OSError as e:  # disk full, I/O error: keep what is committed
+            committed = _committed(job.tmp)
+            if committed == 0:
+                with contextlib.suppress(OSError):
+                    os.remove(job.tmp)
+                kept = "nothing was committed, so the temporary file was removed"
+            else:
+                kept = (f"{committed} of {job.totals['examples']} examples are committed in {job.tmp}; rerun the "
+                        f"same command to resume from there")
+            raise PipelineError(f"writing the cache failed: {e}. Free disk space or fix the storage problem; {kept}.") \
+                from None
+        except BaseException:
+            print(f"\nprecompute stopped: committed batches stay in {job.tmp}; rerun the same command to resume.",
+                  file=sys.stderr)
+            raise
+    return out
 
 
-def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
+def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
+    """Identity of the inputs, the up-to-date check, and the layout of `<out>.tmp` (reused when resuming)."""
     t_start = time.perf_counter()
     depths = cfg.cache_depths()
     deepest = replace(cfg, k=max(depths))
     _, mconf = load_model_config(deepest)  # fails fast: unknown model, unsupported architecture, depth > L
     data = load_labeled(cfg)
     tokenizer = load_tokenizer(cfg)
-    bottom = load_bottom(deepest)  # one pass up to the deepest depth gives every shallower one on the way
+    # non-safetensors checkpoints (Hub ids, .bin) are hashed from the loaded model; local safetensors from the file
+    bottom = None if safetensors_files(deepest) else load_bottom(deepest)
     weights = {str(d): frozen_weights_sha256(replace(cfg, k=d), bottom) for d in depths}
+    del bottom
     identity = {"format_version": C.FORMAT_VERSION, "cache_key": cfg.cache_key(),
                 "weights_sha256": weights, "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "tokenizer_settings": {"truncation_side": tokenizer.truncation_side,
@@ -79,89 +148,34 @@ def _precompute(cfg: Config, out: str, force: bool, device: str | None) -> str:
     if os.path.exists(out) and _up_to_date(out, cfg, identity, force):
         print(f"cache {out} is up to date (same config, weights, tokenizer and data); nothing to do "
               f"(--force rebuilds it).")
-        return out
-
-    plan, truncated = _plan(data, tokenizer, cfg)
-    n_total = sum(len(p.order) for p in plan.values())
-    if truncated:
-        print(f"data: {truncated} of {n_total} examples are longer than max_length={cfg.max_length} tokens and are "
-              f"truncated ({tokenizer.truncation_side} side); raise --max-length to keep more.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
-    bottom.to(device)
-    dtype = np.dtype(cfg.cache_dtype)
+        return None
     tmp = out + ".tmp"
-    if not (os.path.exists(tmp) and _resumable(tmp, identity, plan)):
-        _check_free_space(out, plan, mconf.hidden_size, dtype)
+    if not (os.path.exists(tmp) and _resumable(tmp, identity)):
+        plan, tokens, truncated = _plan(data, tokenizer, cfg)
+        n_total = sum(len(p.rows) for p in plan.values())
+        if truncated:
+            print(f"data: {truncated} of {n_total} examples are longer than max_length={cfg.max_length} tokens and "
+                  f"are truncated ({tokenizer.truncation_side} side); raise --max-length to keep more.")
+        _check_free_space(out, plan, mconf.hidden_size, np.dtype(cfg.cache_dtype))
         try:
-            _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype)
+            _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
         except (OSError, RuntimeError) as e:  # h5py raises either for a failed write
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise PipelineError(f"cannot write the cache layout to {tmp}: {e}. Free disk space or choose another "
                                 f"--cache-dir.") from None
-    raw = _raw_layout(tmp, depths)
-    skipped = int(raw["progress"].sum())
+    with h5py.File(tmp, "r") as f:
+        sizes = [int(f[s]["lengths"].shape[0]) for s in json.loads(f.attrs["splits_json"])]
+        n_tokens = sum(int(f[s]["offsets"][-1]) for s in json.loads(f.attrs["splits_json"]))
+        skipped, truncated = int(f["progress"][:].sum()), int(f.attrs["truncated_examples"])
+    n_total = sum(sizes)
     if skipped:
         print(f"resuming {tmp}: {skipped} of {n_total} examples ({skipped / n_total:.0%}) were committed before the "
               f"interruption; skipping them, computing the remaining {n_total - skipped}.")
-    t0 = time.perf_counter()
-    totals = {"examples": n_total, "tokens": int(sum(p.offsets[-1] for p in plan.values())),
-              "computed_examples": n_total - skipped, "resumed_examples": skipped, "truncated_examples": truncated}
-    # Between layout and finish HDF5 does not hold the file: rows and /progress are written with plain pwrite()
-    # into the space allocated for them, so a kill or a failed write can never leave HDF5 metadata half-written.
-    fd = os.open(tmp, os.O_RDWR)
-    try:
-        bar = tqdm(total=n_total, initial=skipped, desc=f"precompute depths={','.join(map(str, depths))}", unit="ex",
-                   dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15)
-        for si, (split, p) in enumerate(plan.items()):
-            _write_split(fd, raw, si, split, p, bottom, depths, cfg, tokenizer, dtype, device, bar)
-        bar.close()
-        try:
-            with h5py.File(tmp, "r+") as f:
-                checksums = {name: C.dataset_sha256(f[name]) for name in C.array_names(f)}  # of the bytes on disk
-                totals["loop_seconds"] = time.perf_counter() - t0  # tokenize + forward + writes + checksums
-                totals["seconds"] = time.perf_counter() - t_start  # also data and model loading
-                f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
-                f.attrs["stats_json"] = json.dumps({**totals, "device": str(device)})
-                f.attrs["complete"] = True  # written last: a file without it is never used
-        except RuntimeError as e:  # h5py reports some failed writes (a flush) as RuntimeError
-            raise OSError(str(e)) from None
-        os.fsync(fd)
-    except torch.OutOfMemoryError:
-        raise PipelineError(
-            f"the {device} ran out of memory at --precompute-batch-size {cfg.precompute_batch_size}; rerun with a "
-            f"smaller one (committed batches are kept in {tmp} and the rerun resumes from them).") from None
-    except OSError as e:  # disk full, I/O error: keep what is committed
-        committed = _committed(tmp)
-        if committed == 0:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            kept = "nothing was committed, so the temporary file was removed"
-        else:
-            kept = (f"{committed} of {n_total} examples are committed in {tmp}; rerun the same command to resume "
-                    f"from there")
-        raise PipelineError(f"writing the cache failed: {e}. Free disk space or fix the storage problem; {kept}.") \
-            from None
-    except BaseException:
-        print(f"\nprecompute stopped: committed batches stay in {tmp}; rerun the same command to resume.",
-              file=sys.stderr)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, out)
-    fsync_dir(os.path.dirname(out))
-    secs = time.perf_counter() - t0
-    size = os.path.getsize(out)
-    n_tok = totals["tokens"]
-    per_depth = n_tok * mconf.hidden_size * dtype.itemsize
-    print(f"precompute done: {n_total} examples, {n_tok} tokens, {size / 2**20:.1f} MiB ({size / max(n_tok, 1):.0f} "
-          f"B/token), {secs:.1f} s ({totals['computed_examples'] / secs:.0f} ex/s computed"
-          f"{f', {skipped} resumed' if skipped else ''}) -> {out}")
-    print(f"storage: {per_depth / 2**20:.1f} MiB per cached depth ({mconf.hidden_size * dtype.itemsize} B/token) x "
-          f"{len(depths)} depth(s) {depths}, plus {(size - per_depth * len(depths)) / 2**20:.1f} MiB of token ids "
-          f"and index")
-    return out
+    totals = {"examples": n_total, "tokens": n_tokens, "computed_examples": n_total - skipped,
+              "resumed_examples": skipped, "truncated_examples": truncated,
+              "prepare_seconds": time.perf_counter() - t_start}  # data, tokenisation, layout
+    return Job(tmp, out, depths, mconf.hidden_size, np.dtype(cfg.cache_dtype).itemsize, totals, t_start)
 
 
 def _up_to_date(out: str, cfg: Config, identity: dict, force: bool) -> bool:
@@ -188,28 +202,49 @@ def _up_to_date(out: str, cfg: Config, identity: dict, force: bool) -> bool:
     )
 
 
-def _plan(data, tokenizer, cfg: Config) -> tuple[dict, int]:
-    """Tokenize every split and fix its layout: examples sorted by length (stable), ragged offsets."""
-    plan, truncated = {}, 0
+
+def _tokenize(batch, tokenizer, text_column, pair_column, max_length):
+    """datasets.map function: token ids, their count, and whether truncation cut the example."""
+    enc = tokenizer(batch[text_column], batch[pair_column] if pair_column else None, truncation=True,
+                    max_length=max_length)
+    ids = enc["input_ids"]
+    out = {"input_ids": ids, "length": [len(x) for x in ids]}
+    if enc.encodings is not None:  # fast tokenizers say what truncation cut
+        out["truncated"] = [bool(e.overflowing) for e in enc.encodings]
+    else:
+        out["truncated"] = [len(x) >= max_length for x in ids]
+    if pair_column and "token_type_ids" in enc:  # token types only where a text pair makes them
+        out["token_type_ids"] = enc["token_type_ids"]
+    return out
+
+
+def _plan(data, tokenizer, cfg: Config):
+    """Tokenise every row once (batched, into Arrow on disk) and fix the layout of each split: examples sorted by
+    length (stable), ragged offsets. Returns (plan, tokenised dataset, truncated count)."""
+    tokens = data.ds.map(_tokenize, batched=True, batch_size=1000, remove_columns=data.ds.column_names,
+                         fn_kwargs=dict(tokenizer=tokenizer, text_column=data.text_column,
+                                        pair_column=data.text_pair_column, max_length=cfg.max_length),
+                         desc="tokenize")
+    column = tokens.with_format("arrow").select_columns(["length", "truncated"])
+    lengths_all = np.empty(len(tokens), dtype=np.int32)
+    truncated = 0
+    for start, batch in zip(range(0, len(tokens), _ROWS_PER_WRITE), column.iter(batch_size=_ROWS_PER_WRITE)):
+        lengths_all[start:start + batch.num_rows] = batch.column("length").to_numpy()
+        truncated += int(pc.sum(batch.column("truncated")).as_py() or 0)
+    plan = {}
     for split, idx in data.splits.items():
-        texts = [data.texts[i] for i in idx]
-        pairs = [data.pairs[i] for i in idx] if data.pairs is not None else None
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
-        if enc.encodings is not None:  # fast tokenizers say what truncation cut
-            truncated += sum(1 for e in enc.encodings if e.overflowing)
-        else:
-            truncated += sum(1 for x in enc["input_ids"] if len(x) >= cfg.max_length)
-        lengths = np.fromiter((len(x) for x in enc["input_ids"]), dtype=np.int32, count=len(idx))
+        lengths = lengths_all[idx]
         order = np.argsort(lengths, kind="stable")  # similar lengths together: minimal padding, contiguous writes
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths[order], out=offsets[1:])
-        plan[split] = SplitPlan(order=order, rows=idx[order], enc=enc, lengths=lengths[order], offsets=offsets)
-    return plan, truncated
+        plan[split] = SplitPlan(rows=idx[order], lengths=lengths[order], offsets=offsets)
+    return plan, tokens, truncated
+
 
 
 def _check_free_space(out: str, plan: dict, hidden_size: int, dtype: np.dtype) -> None:
     tokens = sum(int(p.offsets[-1]) for p in plan.values())
-    need = tokens * (hidden_size * dtype.itemsize + 4) + sum(len(p.order) for p in plan.values()) * 32
+    need = tokens * (hidden_size * dtype.itemsize + 4) + sum(len(p.rows) for p in plan.values()) * 32
     folder = os.path.dirname(out) or "."
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -219,9 +254,11 @@ def _check_free_space(out: str, plan: dict, hidden_size: int, dtype: np.dtype) -
         )
 
 
-def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype) -> None:
-    """Lay out the whole file: attributes, per-example arrays, and every hidden array allocated up front (so later
-    writes are raw data only). /progress is created last: a file without it is not resumable and is redone."""
+
+def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated) -> None:
+    """Lay out the whole file: attributes, per-example arrays, token ids in storage order, and every hidden array
+    allocated up front (so later writes are raw data only). /progress (one entry per batch of the plan: examples
+    committed) is created last: a file without it is not resumable and is redone."""
     f = h5py.File(tmp, "w", libver="earliest")
     a = f.attrs
     a["format_version"] = C.FORMAT_VERSION
@@ -247,39 +284,49 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, dtype) -> None:
     a["splits_json"] = json.dumps(list(plan))
     a["versions_json"] = json.dumps(library_versions())
     a["created_unix"] = time.time()
+    a["truncated_examples"] = truncated
+    a["pad_token_id"] = tokenizer.pad_token_id or 0
+    a["batch_rows"] = cfg.precompute_batch_size  # the plan's batches; a resume keeps them whatever its option says
     id_dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    columns = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in tokens.column_names else [])
+    rows_of = tokens.with_format("arrow").select_columns(columns)
     for split, p in plan.items():
         g = f.create_group(split)
         g["offsets"] = p.offsets
         g["lengths"] = p.lengths
         g["labels"] = data.labels[p.rows]
         g["example_ids"] = p.rows.astype(np.int64)
-        ids = p.enc["input_ids"]
-        g["input_ids"] = np.concatenate([np.asarray(ids[i], dtype=id_dtype) for i in p.order] or [np.zeros(0, id_dtype)])
-        tt = p.enc.get("token_type_ids")
-        if tt is not None and any(any(t) for t in tt):  # token types only where a text pair makes them
-            g["token_type_ids"] = np.concatenate([np.asarray(tt[i], dtype=np.int8) for i in p.order])
+        total = int(p.offsets[-1])
+        flat = {c: _contiguous(g, c, (total,), id_dtype if c == "input_ids" else np.int8) for c in columns}
+        for lo in range(0, len(p.rows), _ROWS_PER_WRITE):  # token ids in storage order, a block of rows at a time
+            block = rows_of[p.rows[lo:lo + _ROWS_PER_WRITE]]
+            s, e = int(p.offsets[lo]), int(p.offsets[min(lo + _ROWS_PER_WRITE, len(p.rows))])
+            for c in columns:
+                flat[c][s:e] = block.column(c).combine_chunks().flatten().to_numpy().astype(flat[c].dtype)
         for d in cfg.cache_depths():
-            g.create_dataset(f"layer_{d}/hidden", shape=(int(p.offsets[-1]), mconf.hidden_size), dtype=dtype,
-                             dcpl=dcpl.copy(), fill_time="never")
-    f.create_dataset("progress", data=np.zeros(len(plan), dtype=np.int64))
+            _contiguous(g, f"layer_{d}/hidden", (total, mconf.hidden_size), np.dtype(cfg.cache_dtype))
+    n_batches = sum(-(-len(p.rows) // cfg.precompute_batch_size) for p in plan.values())
+    f.create_dataset("progress", data=np.zeros(n_batches, dtype=np.int32))
     f.close()
 
 
-def _resumable(tmp: str, identity: dict, plan: dict) -> bool:
-    """True if an interrupted `.tmp` was laid out for exactly these inputs; else say why, remove it, start over."""
+def _contiguous(group, name, shape, dtype) -> h5py.Dataset:
+    """A contiguous, unfiltered array allocated now (so its bytes can be written with pwrite and memory-mapped)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl, fill_time="never")
+
+
+def _resumable(tmp: str, identity: dict) -> bool:
+    """True if an interrupted `.tmp` was laid out (completely) for exactly these inputs; the plan is a pure function
+    of them. Otherwise say why, remove it, start over."""
     try:
         with h5py.File(tmp, "r") as f:
             attrs = C.read_attrs(f)
             if attrs.get("identity_json") != json.dumps(identity, sort_keys=True):
                 why = "it was started with other inputs (config, weights, tokenizer or data)"
-            elif "progress" not in f or attrs.get("splits_json") != json.dumps(list(plan)):
+            elif "progress" not in f:
                 why = "it was interrupted before its layout was complete"
-            elif not all(np.array_equal(f[s]["offsets"][:], p.offsets) and
-                         np.array_equal(f[s]["example_ids"][:], p.rows) for s, p in plan.items()):
-                why = "its layout differs from this run's"
             else:
                 return True
     except (OSError, KeyError) as e:
@@ -287,16 +334,6 @@ def _resumable(tmp: str, identity: dict, plan: dict) -> bool:
     print(f"found an interrupted precompute {tmp}, but {why}; starting over.")
     os.remove(tmp)
     return False
-
-
-def _raw_layout(tmp: str, depths: list) -> dict:
-    """File offsets of the preallocated contiguous arrays that the loop writes, and the committed progress."""
-    with h5py.File(tmp, "r") as f:
-        splits = json.loads(f.attrs["splits_json"])
-        hidden = {(s, d): f[f"{s}/layer_{d}/hidden"] for s in splits for d in depths}
-        return {"progress": f["progress"][:], "progress_offset": f["progress"].id.get_offset(),
-                "progress_dtype": f["progress"].dtype, "hidden_dtype": {s: d.dtype for s, d in hidden.items()},
-                "hidden_offset": {s: d.id.get_offset() for s, d in hidden.items()}}
 
 
 def _committed(tmp: str) -> int:
@@ -307,28 +344,190 @@ def _committed(tmp: str) -> int:
         return 0
 
 
-def _write_split(fd, raw, si, split, p: SplitPlan, bottom, depths, cfg, tokenizer, dtype, device, bar) -> None:
-    row_bytes = bottom.config.hidden_size * dtype.itemsize
-    keys = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in p.enc else [])
+@dataclass
+class _Batch:
+    index: int  # position in /progress
+    split: int
+    start: int  # first example (storage order) of the split
+    end: int
+
+
+def _batches(tmp: str) -> tuple[list, dict]:
+    """The plan's batches (split after split, batch_rows examples each) and the file layout the loop writes into."""
+    with h5py.File(tmp, "r") as f:
+        splits, bs = json.loads(f.attrs["splits_json"]), int(f.attrs["batch_rows"])
+        progress = f["progress"][:]
+        layout = {"splits": splits, "progress_offset": f["progress"].id.get_offset(),
+                  "pad": int(f.attrs["pad_token_id"]), "dtype": np.dtype(f.attrs["dtype"]),
+                  "offsets": [f[s]["offsets"][:] for s in splits], "lengths": [f[s]["lengths"][:] for s in splits],
+                  "hidden_offset": {(i, d): f[f"{s}/layer_{d}/hidden"].id.get_offset()
+                                    for i, s in enumerate(splits) for d in json.loads(f.attrs["depths_json"])},
+                  "ids": [C.map_array(tmp, f[s]["input_ids"]) for s in splits],
+                  "types": [C.map_array(tmp, f[s]["token_type_ids"]) if "token_type_ids" in f[s] else None
+                            for s in splits]}
+    batches = [(si, lo, min(lo + bs, len(layout["lengths"][si])))
+               for si in range(len(splits)) for lo in range(0, len(layout["lengths"][si]), bs)]
+    todo = [_Batch(b, *x) for b, x in enumerate(batches) if progress[b] == 0]
+    return todo, layout
+
+
+def _inputs(layout: dict, b: _Batch) -> dict:
+    """The padded model inputs of one batch, from the token ids stored in the file (right padding)."""
+    lengths, offsets = layout["lengths"][b.split][b.start:b.end], layout["offsets"][b.split]
+    s, e = int(offsets[b.start]), int(offsets[b.end])
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    ids = np.full(mask.shape, layout["pad"], dtype=np.int64)
+    ids[mask] = layout["ids"][b.split][s:e]
+    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+    if layout["types"][b.split] is not None:
+        types = np.zeros(mask.shape, dtype=np.int64)
+        types[mask] = layout["types"][b.split][s:e]
+        out["token_type_ids"] = torch.from_numpy(types)
+    return out
+
+
+def _loop(job: Job, cfg: Config, state, device, bottom=None) -> None:
+    """This process's share of the plan's uncommitted batches (batch b goes to process b % N): forward, cast to the
+    storage dtype on the device, copy to the host, and hand the rows to the writer thread."""
+    device = torch.device(device) if device else (state.device if state.num_processes > 1 else torch.device(
+        "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+    bottom = (bottom or load_bottom(replace(cfg, k=max(job.depths)))).to(device)
+    todo, layout = _batches(job.tmp)
+    mine = [b for b in todo if b.index % state.num_processes == state.process_index]
+    storage = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[layout["dtype"]]
+    row_bytes = job.hidden_size * layout["dtype"].itemsize
+    fd = os.open(job.tmp, os.O_RDWR)
+    writer = _Writer(fd, layout["progress_offset"], cfg.commit_seconds, cfg.commit_mb << 20)
+    bar = tqdm(total=sum(b.end - b.start for b in mine), desc=f"precompute depths={','.join(map(str, job.depths))}",
+               unit="ex", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15,
+               disable=not state.is_main_process)
     t0, done_tok = time.perf_counter(), 0
-    bs, n = cfg.precompute_batch_size, len(p.order)
-    with torch.inference_mode():
-        for start in range(int(raw["progress"][si]), n, bs):  # a committed batch boundary
-            rows = p.order[start:start + bs]
-            batch = tokenizer.pad({key: [p.enc[key][i] for i in rows] for key in keys}, return_tensors="pt")
-            batch = {key: v.to(device) for key, v in batch.items() if key in keys + ["attention_mask"]}
-            out = bottom(**batch, output_hidden_states=len(depths) > 1)
-            mask = batch["attention_mask"].bool()
-            for d in depths:  # hidden_states[d] is the output of layer d (0: the embeddings)
-                h = out.hidden_states[d] if len(depths) > 1 else out.last_hidden_state
-                real = h[mask]  # [sum(len), H], example after example
-                data = real.to("cpu", torch.float32).numpy().astype(raw["hidden_dtype"][split, d], copy=False)
-                _pwrite_all(fd, data.tobytes(), raw["hidden_offset"][split, d] + int(p.offsets[start]) * row_bytes)
-            os.fsync(fd)  # commit: the rows reach the disk before /progress says so
-            _pwrite_all(fd, np.asarray([start + len(rows)], raw["progress_dtype"]).tobytes(), raw["progress_offset"] + 8 * si)
-            done_tok += real.shape[0]
-            bar.update(len(rows))
-            bar.set_postfix(split=split, tok_s=f"{done_tok / (time.perf_counter() - t0):.0f}", refresh=False)
+    try:
+        with torch.inference_mode():
+            for b in mine:
+                batch = {k: v.to(device, non_blocking=True) for k, v in _inputs(layout, b).items()}
+                out = bottom(**batch, output_hidden_states=len(job.depths) > 1)
+                mask = batch["attention_mask"].bool()
+                writes = []
+                for d in job.depths:  # hidden_states[d] is the output of layer d (0: the embeddings)
+                    h = out.hidden_states[d] if len(job.depths) > 1 else out.last_hidden_state
+                    rows = h[mask].to(storage)  # [sum(len), H], example after example, cast on the device
+                    at = layout["hidden_offset"][b.split, d] + int(layout["offsets"][b.split][b.start]) * row_bytes
+                    writes.append((*_to_host(rows), at))
+                writer.put(writes, b.index, b.end - b.start)
+                done_tok += rows.shape[0]
+                bar.update(b.end - b.start)
+                bar.set_postfix(tok_s=f"{done_tok / (time.perf_counter() - t0):.0f}", refresh=False)
+            writer.close()  # the last commit
+    finally:
+        writer.close()
+        bar.close()
+        os.close(fd)
+
+
+def _to_host(rows: torch.Tensor):
+    """(host tensor, event to wait for): pinned memory and a non-blocking copy from a GPU; the tensor itself on CPU."""
+    if rows.device.type != "cuda":
+        return rows.contiguous(), None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _Writer:
+    """Writes rows with pwrite in a background thread (pwrite releases the GIL: the next forward runs meanwhile)
+    and commits them: fsync, then each written batch's entry in /progress (its example count). A commit happens
+    when `seconds` have passed or `max_bytes` were written since the last one, and at close. A kill loses at most
+    the uncommitted batches, which a rerun recomputes. Errors (a full disk) surface in the caller's next call."""
+
+    def __init__(self, fd: int, progress_offset: int, seconds: float, max_bytes: int):
+        self.fd, self.progress_offset, self.seconds, self.max_bytes = fd, progress_offset, seconds, max_bytes
+        self.queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the rows held in memory
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, writes: list, batch: int, examples: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((writes, batch, examples))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def _run(self) -> None:
+        pending, written, last = [], 0, time.monotonic()
+        while True:
+            item = self.queue.get()
+            if self.error is not None:  # failed earlier: drain until close
+                if item is None:
+                    return
+                continue
+            try:
+                if item is None:
+                    self._commit(pending)
+                    return
+                writes, batch, examples = item
+                for host, event, at in writes:
+                    if event is not None:
+                        event.synchronize()
+                    data = host.numpy()
+                    _pwrite_all(self.fd, memoryview(data).cast("B"), at)
+                    written += data.nbytes
+                pending.append((batch, examples))
+                if time.monotonic() - last >= self.seconds or written >= self.max_bytes:
+                    self._commit(pending)
+                    pending, written, last = [], 0, time.monotonic()
+            except BaseException as e:  # noqa: BLE001 - handed to the producer
+                self.error = e
+                if item is None:
+                    return
+
+    def _commit(self, pending: list) -> None:
+        if not pending:
+            return
+        os.fsync(self.fd)  # the rows reach the disk before /progress says so
+        for batch, examples in pending:
+            _pwrite_all(self.fd, np.int32(examples).tobytes(), self.progress_offset + 4 * batch)
+
+
+def _finish(job: Job) -> None:
+    """Checksums of the bytes on disk, stats, `complete` last; then the atomic rename."""
+    t0 = time.perf_counter()
+    try:
+        with h5py.File(job.tmp, "r+") as f:
+            checksums = {name: C.dataset_sha256(f[name]) for name in C.array_names(f)}
+            job.totals["checksum_seconds"] = time.perf_counter() - t0
+            job.totals["seconds"] = time.perf_counter() - job.t_start
+            f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
+            f.attrs["stats_json"] = json.dumps(job.totals)
+            f.attrs["complete"] = True  # written last: a file without it is never used
+    except RuntimeError as e:  # h5py reports some failed writes (a flush) as RuntimeError
+        raise OSError(str(e)) from None
+    fd = os.open(job.tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(job.tmp, job.out)
+    fsync_dir(os.path.dirname(job.out))
+    secs = time.perf_counter() - job.t_start
+    size, n_tok, t = os.path.getsize(job.out), job.totals["tokens"], job.totals
+    per_depth = n_tok * job.hidden_size * job.itemsize
+    resumed = f", {t['resumed_examples']} resumed" if t["resumed_examples"] else ""
+    print(f"precompute done: {t['examples']} examples, {n_tok} tokens, {size / 2**20:.1f} MiB "
+          f"({size / max(n_tok, 1):.0f} B/token), {secs:.1f} s ({t['computed_examples'] / secs:.0f} ex/s computed"
+          f"{resumed}) -> {job.out}")
+    print(f"storage: {per_depth / 2**20:.1f} MiB per cached depth x {len(job.depths)} depth(s) {job.depths}, plus "
+          f"{(size - per_depth * len(job.depths)) / 2**20:.1f} MiB of token ids and index")
+
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

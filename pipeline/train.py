@@ -11,19 +11,19 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import save_file
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .cache import CachedSplit, collate, open_cache
+from .cache import Batches, CachedSplit, open_cache, single_batch
 from .config import Config
+from .dist import process_state, share
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
 from .model import LAYER_KEY, carry_over, load_top
@@ -38,15 +38,12 @@ def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, g: torch.Generator) -> DataLoader:
-    """g drives the shuffling and the DataLoader's worker seeds (never the global RNG)."""
-    kwargs = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=pin,
-                  persistent_workers=cfg.num_workers > 0, generator=g)
-    if not train:
-        return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, **kwargs)
-    if cfg.group_by_length:
-        sampler = LengthGroupedSampler(cfg.batch_size, lengths=ds.lengths.tolist(), generator=g)
-        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, **kwargs)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, **kwargs)
+    """Whole batches gathered by the dataset (one vectorised read each); g drives the shuffling and the DataLoader's
+    worker seeds (never the global RNG). Accelerate splits each batch across processes (split_batches)."""
+    batches = Batches(ds.lengths, cfg.batch_size if train else cfg.eval_batch_size, shuffle=train,
+                      grouped=cfg.group_by_length, generator=g)
+    return DataLoader(ds, batch_sampler=batches, collate_fn=single_batch, num_workers=cfg.num_workers,
+                      pin_memory=pin, persistent_workers=cfg.num_workers > 0, generator=g)
 
 
 def epoch_seed(cfg: Config, epoch: int) -> int:
@@ -75,17 +72,19 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
 
 
 def evaluate(model, loader, accelerator, task) -> dict:
+    """Metrics over exactly the split's examples from every process (gather_for_metrics drops the duplicates that
+    even out the last batch); predictions stay on the device until the end."""
     model.eval()
     preds, refs = [], []
     with torch.no_grad():
         for batch in loader:
             logits = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"]).logits
-            p = logits.squeeze(-1) if task == "regression" else logits.argmax(-1)
+            p = logits.squeeze(-1).float() if task == "regression" else logits.argmax(-1)
             p, y = accelerator.gather_for_metrics((p, batch["labels"]))
-            preds.append(p.float().cpu().numpy() if task == "regression" else p.cpu().numpy())
-            refs.append(y.cpu().numpy())
+            preds.append(p)
+            refs.append(y)
     model.train()
-    return compute_metrics(task, np.concatenate(preds), np.concatenate(refs))
+    return compute_metrics(task, torch.cat(preds).cpu().numpy(), torch.cat(refs).cpu().numpy())
 
 
 # Config fields that may differ when a run is resumed: they do not change what is computed.
@@ -183,11 +182,13 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
         _check_tracker(cfg.report_to)
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    name = [cfg.run_name or time.strftime("%Y%m%d-%H%M%S")]
-    if PartialState(cpu=cfg.cpu or multi_cpu).num_processes > 1:  # every process uses the main one's timestamp
-        broadcast_object_list(name)
-    run_dir = os.path.join(cfg.runs_dir, name[0])
+    procs = process_state(cfg.cpu)
+    if cfg.batch_size % procs.num_processes or cfg.eval_batch_size % procs.num_processes:
+        raise PipelineError(f"--batch-size {cfg.batch_size} and --eval-batch-size {cfg.eval_batch_size} are global "
+                            f"batches split across the {procs.num_processes} processes: make both multiples of "
+                            f"{procs.num_processes}.")
+    name = share(procs, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # every process: the main one's timestamp
+    run_dir = os.path.join(cfg.runs_dir, name)
     ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
     if ckpt is None and state is not None:  # finished earlier
         print(f"run {run_dir} has already finished; its final metrics:")
@@ -198,9 +199,10 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
     # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
     AcceleratorState._reset_state()
     tracking = cfg.report_to != "none"
-    accelerator = Accelerator(cpu=cfg.cpu or multi_cpu, mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(cpu=procs.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, project_dir=run_dir,
-                              log_with=cfg.report_to if tracking else None)
+                              log_with=cfg.report_to if tracking else None,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
     if tracking:
         accelerator.init_trackers(cfg.report_to, config=_tracker_config(cfg))
     stages = cfg.stage_depths()
@@ -279,6 +281,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
             t0 = time.perf_counter()
             tokens, loss_sum, n_batches, prior_s = ((state["tokens"], state["loss_sum"], skip, state["seconds"])
                                                     if resumed else (0, 0.0, 0, 0.0))
+            totals = _Totals(accelerator, loss_sum, tokens)
             loader = accelerator.skip_first_batches(train_dl, skip) if resumed else train_dl
             bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs}", unit="batch", dynamic_ncols=True, initial=skip,
                        total=len(train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
@@ -294,21 +297,24 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-                loss_sum += out.loss.item()
+                totals.add(out.loss, batch["attention_mask"])  # on the device: no host sync per step
                 n_batches += 1
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}",
-                                tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}", refresh=False)
+                if n_batches % LOG_EVERY == 0:
+                    loss_sum, tokens = totals.read()
+                    bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}",
+                                    tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}", refresh=False)
                 if accelerator.sync_gradients:
                     step += 1
                     stage_done = cfg.max_steps > 0 and step - si * total_steps >= cfg.max_steps
                     last = stage_done or n_batches == len(train_dl)
                     if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
+                        loss_sum, tokens = totals.read()
                         save_checkpoint(accelerator, run_dir, {
                             "epoch": epoch, "step": step, "batches_done": n_batches, "loss_sum": loss_sum,
                             "tokens": tokens, "seconds": prior_s + time.perf_counter() - t0, "metrics": metrics})
                 if stage_done:
                     break
+            loss_sum, tokens = totals.read()
             secs = prior_s + time.perf_counter() - t0
             metrics = evaluate(model, val_dl, accelerator, cfg.task)
             record = {"epoch": epoch, "stage": si + 1, "depth": depth, "step": step,
@@ -326,7 +332,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
             if cfg.checkpoint_every >= 0:  # resume starts the next epoch
                 save_checkpoint(accelerator, run_dir, _epoch_start(epoch + 1, step, metrics))
         prev = accelerator.unwrap_model(model)
-        state["epoch"] = (si + 1) * cfg.epochs + 1
+        state = _epoch_start((si + 1) * cfg.epochs + 1, step, metrics)  # a resumed epoch's progress is used up
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -348,10 +354,33 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
     return {"run_dir": run_dir, **metrics}
 
 
+LOG_EVERY = 50  # batches between reads of the running loss and token count (each read is a host sync)
+
+
+class _Totals:
+    """Running loss sum and token count of an epoch, accumulated on the device and read only when needed."""
+
+    def __init__(self, accelerator, loss_sum: float, tokens: int):
+        self.accelerator, self.loss0, self.tokens0 = accelerator, loss_sum, tokens
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+
+    def add(self, loss: torch.Tensor, mask: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.tokens += mask.sum()
+
+    def read(self) -> tuple[float, int]:
+        """(this process's loss sum, tokens of every process); every process must call it at the same point."""
+        tokens = self.accelerator.reduce(self.tokens.clone(), "sum")
+        return self.loss0 + float(self.loss), self.tokens0 + int(tokens)
+
+
 def _split(shared: dict | None, path: str, split: str, depth: int, in_memory: bool) -> CachedSplit:
+    """The split's reader; sweeps (shared) keep one per split and depth: a map costs no memory, so this only saves
+    reopening the file."""
     if shared is None:
-        return CachedSplit(path, split, depth, in_memory)
+        return CachedSplit(path, split, depth, in_memory, reuse_buffers=True)
     key = (os.path.abspath(path), split, depth, in_memory)
     if key not in shared:
-        shared[key] = CachedSplit(path, split, depth, in_memory)
+        shared[key] = CachedSplit(path, split, depth, in_memory, reuse_buffers=True)
     return shared[key]

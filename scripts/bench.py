@@ -97,7 +97,7 @@ def _tokenized(cfg):
     out = {}
     for split in ("train", "validation"):
         idx = data.splits[split]
-        enc = tok([data.texts[i] for i in idx], truncation=True, max_length=cfg.max_length)
+        enc = tok(*data.texts_at(idx), truncation=True, max_length=cfg.max_length)
         out[split] = [{**{k: enc[k][j] for k in enc}, "labels": int(data.labels[i])} for j, i in enumerate(idx)]
     return data, tok, out
 
@@ -250,7 +250,7 @@ def limit(cfg):
     torch.manual_seed(cfg.seed)
     model, _ = load_top(cfg, info.num_labels, info.label_names)
     model.to(dev).train()
-    ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory=True)
+    ds = CachedSplit(cfg.cache_path(), "train", cfg.k)
     batches = [{k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
                for b in make_loader(ds, cfg, True, False, torch.Generator().manual_seed(epoch_seed(cfg, 1)))]
     opt, sched = build_optimizer(model, cfg, len(batches) * cfg.epochs)
@@ -284,7 +284,7 @@ def bottom_forward(cfg):
     dev = _device()
     bottom = load_bottom(cfg).to(dev)
     idx = np.concatenate(list(data.splits.values()))
-    enc = tok([data.texts[i] for i in idx], truncation=True, max_length=cfg.max_length)
+    enc = tok(*data.texts_at(idx), truncation=True, max_length=cfg.max_length)
     order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
     bs = cfg.precompute_batch_size
     batches = [tok.pad({k: [enc[k][i] for i in order[s:s + bs]] for k in enc}, return_tensors="pt")
@@ -302,30 +302,30 @@ def bottom_forward(cfg):
 
 
 def profile(cfg, steps=40):
-    """Where ours' training step spends its time: I/O (reading the batch's rows), collate (padding + mask),
-    forward, backward, optimizer (clip + AdamW step), over the product's own sampler, dataset and collate."""
+    """Where ours' training step spends its time: I/O (the dataset's one-step gather of the padded batch from the
+    memory map, or from the in-RAM copy), collate (to the device, upcast), forward, backward, optimizer (clip + AdamW
+    step), over the product's own batch sampler and dataset."""
     import torch
 
-    from pipeline.cache import CachedSplit, collate, open_cache
+    from pipeline.cache import CachedSplit, open_cache
     from pipeline.model import load_top
     from pipeline.train import build_optimizer, epoch_seed, make_loader
 
     info = open_cache(cfg.cache_path(), cfg)
     dev = _device()
     out = {}
-    for mode, in_memory in (("in_memory", True), ("hdf5_reads", False)):
+    for mode, in_memory in (("memmap", False), ("in_memory", True)):
         torch.manual_seed(cfg.seed)
         model, _ = load_top(cfg, info.num_labels, info.label_names)
         model.to(dev).train()
         opt, _ = build_optimizer(model, cfg, steps)
-        ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory)
+        ds = CachedSplit(cfg.cache_path(), "train", cfg.k, in_memory, reuse_buffers=True)
         batches = list(make_loader(ds, cfg, True, False, torch.Generator().manual_seed(epoch_seed(cfg, 1))).batch_sampler)
         t = dict.fromkeys(("io", "collate", "forward", "backward", "optimizer"), 0.0)
         for n in range(steps):
             t0 = time.perf_counter()
-            items = [ds[i] for i in batches[n % len(batches)]]
+            b = ds.__getitems__(batches[n % len(batches)])
             t1 = time.perf_counter()
-            b = collate(items)
             b = {k: (v.float() if k == "inputs_embeds" else v).to(dev) for k, v in b.items()}
             _sync()
             t2 = time.perf_counter()

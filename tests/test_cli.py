@@ -34,7 +34,7 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
 
     with h5py.File(path) as f:
         a = f.attrs
-        assert a["complete"] and a["format_version"] == 2 and json.loads(a["depths_json"]) == [1]
+        assert a["complete"] and a["format_version"] == 3 and json.loads(a["depths_json"]) == [1]
         assert a["dtype"] == "float16"
         assert json.loads(a["config_json"])["k"] == 1 and json.loads(a["weights_sha256_json"])["1"].startswith("file:")
         assert json.loads(a["label_names_json"]) == ["fresh", "rotten"]
@@ -50,7 +50,7 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
         assert offsets[0] == 0 and offsets[-1] == lengths.sum() == hidden.shape[0] == g["input_ids"].shape[0]
         assert np.all(np.diff(offsets) == lengths) and np.all(np.diff(lengths) >= 0)  # stored sorted by length
         assert hidden.dtype == np.float16 and hidden.shape[1] == 32
-        assert list(f["progress"][:]) == [sizes[s] for s in json.loads(a["splits_json"])]
+        assert (f["progress"][:] > 0).all() and f["progress"][:].sum() == sum(sizes.values())
         assert "train/layer_1/hidden" in json.loads(a["checksums_json"])
         assert np.isfinite(hidden[:]).all()
         # labels are stratified: both classes in validation

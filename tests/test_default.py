@@ -13,7 +13,7 @@ from pipeline.verify import verify
 def test_default_data_split_is_stratified_and_fixed():
     cfg = make_config()
     data = load_labeled(cfg)
-    assert len(data.texts) == 12808 and data.label_names == ["fresh", "rotten"]
+    assert len(data.ds) == 12808 and data.label_names == ["fresh", "rotten"]
     sizes = {k: len(v) for k, v in data.splits.items()}
     assert sizes == {"train": 10246, "validation": 1281, "test": 1281}
     all_idx = np.concatenate(list(data.splits.values()))
@@ -47,7 +47,8 @@ def test_verify_on_real_minilm_cache(tmp_path):
 def test_max_examples_takes_a_fixed_random_subset():
     cfg = make_config(max_examples=1000)
     data = load_labeled(cfg)
-    assert len(data.texts) == 1000 and sum(len(v) for v in data.splits.values()) == 1000
-    assert data.texts == load_labeled(cfg).texts  # fixed seed
-    assert data.texts != load_labeled(replace(cfg, split_seed=3)).texts
+    assert len(data.ds) == 1000 and sum(len(v) for v in data.splits.values()) == 1000
+    texts = data.texts_at(range(1000))[0]
+    assert texts == load_labeled(cfg).texts_at(range(1000))[0]  # fixed seed
+    assert texts != load_labeled(replace(cfg, split_seed=3)).texts_at(range(1000))[0]
     assert 0.5 < (data.labels == 0).mean() < 0.66  # a random subset, not the file's first rows

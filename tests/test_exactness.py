@@ -9,7 +9,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.cache import CachedSplit, collate, open_cache
+from pipeline.cache import CachedSplit, open_cache
 from pipeline.model import (_load_top_lean, bottom_weights_sha256, frozen_weights_sha256, get_layers,
                             load_full_model, load_tokenizer, load_top, safetensors_files, split_top)
 from pipeline.precompute import precompute
@@ -27,7 +27,6 @@ def _full_and_top(cfg, info):
 def _batch(cfg, path, n=12):
     """The same n validation examples two ways: token ids for the full model, cached states for the top."""
     ds = CachedSplit(path, "validation", cfg.k)
-    items = [ds[i] for i in range(n)]
     with h5py.File(path) as f:
         ids = f["validation/input_ids"][:]
         tt = f["validation/token_type_ids"][:] if "validation/token_type_ids" in f else None
@@ -35,7 +34,7 @@ def _batch(cfg, path, n=12):
     if tt is not None:
         feats["token_type_ids"] = [tt[ds.offsets[i]:ds.offsets[i + 1]].tolist() for i in range(n)]
     enc = load_tokenizer(cfg).pad(feats, return_tensors="pt")
-    return enc, collate(items)
+    return enc, ds.__getitems__(list(range(n)))
 
 
 @pytest.mark.parametrize("model_type,k", [("bert", 1), ("bert", 0), ("roberta", 2), ("distilbert", 1),

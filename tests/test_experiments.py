@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline import make_config
-from pipeline.cache import CachedSplit, collate, open_cache
+from pipeline.cache import CachedSplit, open_cache
 from pipeline.errors import PipelineError
 from pipeline.model import load_top
 from pipeline.precompute import precompute
@@ -80,8 +80,14 @@ class TokenSplit(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.lengths)
 
-    def __getitem__(self, i):
-        return torch.from_numpy(self.ids[self.offsets[i]:self.offsets[i + 1]]), self.labels[i]
+    def __getitems__(self, idx):
+        """A padded batch in CachedSplit's shape, token ids in place of states (the loader's batches stay the same)."""
+        width = int(self.lengths[idx].max())
+        ids = torch.zeros(len(idx), width, dtype=torch.int64)
+        for row, i in enumerate(idx):
+            ids[row, :self.lengths[i]] = torch.from_numpy(self.ids[self.offsets[i]:self.offsets[i + 1]])
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[idx])[:, None]).long()
+        return {"inputs_embeds": ids, "attention_mask": mask, "labels": torch.from_numpy(self.labels[idx])}
 
 
 def _reference(cfg, path, model_path):
@@ -146,9 +152,9 @@ def test_export_gives_the_same_logits_and_predict_classifies_texts(tmp_path, tin
     top.load_state_dict(load_file(run / "top.safetensors"))
     top.eval()
     tokens, states = TokenSplit(path, "validation"), CachedSplit(path, "validation", 1)
-    items = [states[i] for i in range(len(states))]
-    batch = collate(items)
-    ids = collate([tokens[i] for i in range(len(tokens))])["inputs_embeds"]
+    everything = list(range(len(states)))
+    batch = states.__getitems__(everything)
+    ids = tokens.__getitems__(everything)["inputs_embeds"]
     ids[batch["attention_mask"] == 0] = exported.config.pad_token_id
     with torch.no_grad():
         a = exported(input_ids=ids, attention_mask=batch["attention_mask"]).logits

@@ -28,7 +28,7 @@ N_BIG = 1200  # enough tiny-model batches (size 2) for a kill to land mid-run
 
 def _big(tmp_path, model, dataset, sub="cache", **kw):
     base = dict(model=model, dataset=dataset, cache_dir=str(tmp_path / sub), runs_dir=str(tmp_path / "runs"), k=1,
-                max_length=64, precompute_batch_size=2)
+                max_length=64, precompute_batch_size=2, commit_seconds=0)
     base.update(kw)
     return base
 
@@ -180,7 +180,7 @@ def test_older_format_version_gets_a_clear_message(tmp_path, tiny_model, small_c
     path = precompute(cfg)
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1
-    with pytest.raises(PipelineError, match="cache format version 1, this code reads version 2; rebuild"):
+    with pytest.raises(PipelineError, match="cache format version 1, this code reads version 3; rebuild"):
         open_cache(path, cfg)
 
 

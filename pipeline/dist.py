@@ -1,0 +1,27 @@
+"""Several processes (torchrun / accelerate launch): one Accelerate state for precompute and train alike."""
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_state(cpu: bool) -> PartialState:
+    """The process group of a torchrun/accelerate launch (or a single process). On a machine without CUDA,
+    Accelerate only picks its gloo CPU backend when told cpu=True; otherwise every process would run alone."""
+    multi_cpu = launched_processes() > 1 and not torch.cuda.is_available()
+    return PartialState(cpu=cpu or multi_cpu)
+
+
+def share(state: PartialState, obj=None):
+    """The main process's `obj`, on every process (a no-op for one process)."""
+    box = [obj]
+    if state.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]

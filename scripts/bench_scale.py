@@ -1,0 +1,356 @@
+"""Scale benchmark: 1x/10x/100x corpora, measured side by side in one run against this machine's own limits.
+
+Builds the corpora locally (the default Rotten Tomatoes corpus repeated, each copy with a distinct suffix), then:
+  precompute  MiniLM `--k 0` at each size in a fresh process: peak RSS, loop tok/s and MB/s against the disk's
+              sequential write bandwidth (the same bytes, capped at --write-cap-gb, written + fdatasync here)
+  nproc       precompute of the middle size with 2 processes (torchrun) against 1
+  reader      the training data path without a model (make_loader: batch sampler + one-step memmap gather) at
+              hidden 384 (MiniLM) and 768 (a 1-layer random BERT of width 768 built here), from the page cache,
+              against memcpy; 1 and 2 concurrent reader processes
+  cold        the largest MiniLM cache evicted from the page cache (posix_fadvise DONTNEED): sequential read of the
+              file, then the reader in training order and in storage order, against that read bandwidth
+  rss_anon    a short training at each size: peak RssAnon (the process's own memory; the mapped cache is RssFile)
+  head_only   end-to-end training of the width-768 model's head only (`--k 1` of 1 layer) at batch 256 and 32
+
+Usage:  python scripts/bench_scale.py [--sizes 1,10,100] [--work DIR] [--out DIR]
+Writes OUT/bench_scale.json and OUT/bench_scale.md (default OUT: WORK) and prints the Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+CORPUS = os.path.join(ROOT, "cache", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+
+# Runs the CLI in this child process and reports its peak RSS and peak RssAnon (sampled every 50 ms).
+WRAP = r"""
+import json, resource, sys, threading, time
+peak = [0]
+def watch():
+    while True:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=watch, daemon=True).start()
+report, sys.argv = sys.argv[1], ["pipeline"] + sys.argv[2:]
+from pipeline.cli import main
+try:
+    main()
+finally:
+    with open(report, "w") as fh:
+        json.dump({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                   "peak_rss_anon_mb": peak[0] / 1024}, fh)
+"""
+
+
+def cli(work, *args, nproc=1) -> tuple[dict, str, float]:
+    """(memory report, stdout, wall seconds) of `python -m pipeline ARGS` in a fresh process (or torchrun)."""
+    report = os.path.join(work, "report.json")
+    if nproc == 1:
+        cmd = [PY, "-c", WRAP, report, *map(str, args)]
+    else:
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "pipeline", *map(str, args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    mem = json.load(open(report)) if nproc == 1 else {}
+    return mem, proc.stdout, wall
+
+
+def make_corpus(work: str, times: int) -> str:
+    """The default corpus (fresh/rotten rows) repeated `times` times, copy r's texts suffixed with ' (r)'."""
+    path = os.path.join(work, "data", f"rt_x{times}.csv")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with bz2.open(CORPUS, "rt", encoding="utf-8") as fh:
+        rows = [(r["text"], r["category"]) for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
+    with open(path + ".part", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "category"])
+        for r in range(times):
+            w.writerows((f"{t} ({r})" if r else t, c) for t, c in rows)
+    os.replace(path + ".part", path)
+    return path
+
+
+def disk_write_mbps(work: str, nbytes: int) -> float:
+    """Sequential write of nbytes (8 MiB blocks of random bytes) + fdatasync: what `dd conv=fdatasync` measures."""
+    block = os.urandom(8 << 20)
+    path = os.path.join(work, "dd.bin")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(max(1, nbytes // len(block))):
+            os.write(fd, block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    secs = time.perf_counter() - t0
+    os.remove(path)
+    return max(1, nbytes // len(block)) * len(block) / secs / 1e6
+
+
+def evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def sequential_read_mbps(path: str) -> float:
+    evict(path)
+    t0, n = time.perf_counter(), 0
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(8 << 20)
+        while True:
+            k = fh.readinto(buf)
+            if not k:
+                break
+            n += k
+    return n / (time.perf_counter() - t0) / 1e6
+
+
+def memcpy_gbps() -> float:
+    import numpy as np
+
+    a = np.ones(1 << 28, dtype=np.uint8)
+    b = np.empty_like(a)
+    best = 1e9
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+READER = r"""
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from pipeline.cache import CachedSplit
+from pipeline.config import make_config
+from pipeline.train import make_loader
+path, depth, bs, shuffle, seconds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", float(sys.argv[6])
+ds = CachedSplit(path, "train", depth, reuse_buffers=True)
+cfg = make_config("default", batch_size=bs)
+loader = make_loader(ds, cfg, shuffle, False, torch.Generator().manual_seed(0))
+if not shuffle:  # storage order: the batch sampler without shuffling
+    loader.batch_sampler.shuffle = False
+tokens, t0 = 0, time.perf_counter()
+for batch in loader:
+    tokens += int(batch["attention_mask"].sum())
+    if time.perf_counter() - t0 > seconds:
+        break
+secs = time.perf_counter() - t0
+print(json.dumps({"tokens": tokens, "seconds": secs, "tok_s": tokens / secs}))
+"""
+
+
+def reader(path: str, depth: int, bs: int, shuffle: bool = True, seconds: float = 20.0, procs: int = 1) -> dict:
+    """The data path alone, in `procs` concurrent fresh processes (each a whole pass or `seconds`)."""
+    cmd = [PY, "-c", READER, ROOT, path, str(depth), str(bs), "1" if shuffle else "0", str(seconds)]
+    running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in running]
+    return {"tok_s_per_process": [round(o["tok_s"]) for o in outs], "tok_s_total": round(sum(o["tok_s"] for o in outs)),
+            "seconds": max(o["seconds"] for o in outs)}
+
+
+def make_wide_model(work: str) -> str:
+    """A 1-layer random BERT of width 768 (bert-base's width) with the packaged tokenizer."""
+    path = os.path.join(work, "bert-768-1layer")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.config import PACKAGED_MINILM
+    from pipeline.model import resolve_model_path
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(num_hidden_layers=1)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM)).save_pretrained(path)
+    return path
+
+
+def cache_file(cache_dir: str) -> str:
+    (name,) = [n for n in os.listdir(cache_dir) if n.endswith(".h5")]
+    return os.path.join(cache_dir, name)
+
+
+def stats(path: str) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        s = json.loads(f.attrs["stats_json"])
+        s["hidden_bytes"] = sum(f[f"{sp}/layer_{d}/hidden"].nbytes for sp in json.loads(f.attrs["splits_json"])
+                                for d in json.loads(f.attrs["depths_json"]))
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,10,100", help="corpus multiples (the last one is the 'larger than RAM' one)")
+    ap.add_argument("--work", default=os.path.join(ROOT, "cache", "bench-scale"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--write-cap-gb", type=float, default=8.0, help="cap of the disk-write reference's bytes")
+    ap.add_argument("--wide-size", type=int, default=10, help="corpus multiple for the width-768 caches")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work, out_dir = args.work, args.out or args.work
+    os.makedirs(work, exist_ok=True)
+    import psutil
+
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                      f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.python_version()}",
+           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "precompute": {}, "reader": {},
+           "rss_anon": {}}
+    res["memcpy_GBps"] = memcpy_gbps()
+    print(f"memcpy {res['memcpy_GBps']:.1f} GB/s", flush=True)
+    common = ["--label-column", "category", "--max-length", "128"]
+
+    # --- precompute at each size (MiniLM --k 0) against the disk's write bandwidth
+    for n in sizes:
+        data = make_corpus(work, n)
+        cdir = os.path.join(work, f"minilm-x{n}")
+        mem, _, wall = cli(work, "precompute", "--k", "0", "--dataset", data, "--cache-dir", cdir, *common)
+        s = stats(cache_file(cdir))
+        mbps = s["hidden_bytes"] / s["loop_seconds"] / 1e6
+        dd = disk_write_mbps(work, min(s["hidden_bytes"], int(args.write_cap_gb * 1e9)))
+        res["precompute"][n] = {**mem, "wall_s": wall, "examples": s["examples"], "tokens": s["tokens"],
+                                "hidden_GB": s["hidden_bytes"] / 1e9, "prepare_s": s["prepare_seconds"],
+                                "loop_s": s["loop_seconds"], "checksum_s": s["checksum_seconds"],
+                                "loop_tok_s": s["tokens"] / s["loop_seconds"], "loop_MBps": mbps,
+                                "disk_write_MBps": dd, "loop_vs_disk": mbps / dd}
+        print(f"precompute x{n}: {json.dumps(res['precompute'][n])}", flush=True)
+    base = res["precompute"][sizes[0]]["peak_rss_mb"]
+    for n in sizes:
+        res["precompute"][n]["rss_vs_1x"] = res["precompute"][n]["peak_rss_mb"] / base
+
+    # --- 2 processes vs 1 for precompute, middle size
+    mid = sizes[min(1, len(sizes) - 1)]
+    cdir2 = os.path.join(work, f"minilm-x{mid}-2proc")
+    if os.path.exists(cdir2):
+        for name in os.listdir(cdir2):
+            os.remove(os.path.join(cdir2, name))
+    _, _, wall2 = cli(work, "precompute", "--k", "0", "--dataset", make_corpus(work, mid), "--cache-dir", cdir2,
+                      *common, nproc=2)
+    s2 = stats(cache_file(cdir2))
+    one = res["precompute"][mid]
+    res["nproc_precompute"] = {"size": mid, "loop_s_1": one["loop_s"], "loop_s_2": s2["loop_seconds"],
+                               "loop_speedup": one["loop_s"] / s2["loop_seconds"], "wall_s_1": one["wall_s"],
+                               "wall_s_2": wall2}
+    print(f"nproc: {json.dumps(res['nproc_precompute'])}", flush=True)
+
+    # --- width 768 cache (1-layer BERT, --k 1 = head only), then the reader from the page cache
+    wide = make_wide_model(work)
+    wdir = os.path.join(work, f"bert768-x{args.wide_size}")
+    wdata = make_corpus(work, args.wide_size)
+    cli(work, "precompute", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir, *common)
+    caches = {384: (cache_file(os.path.join(work, f"minilm-x{mid}")), 0), 768: (cache_file(wdir), 1)}
+    for hidden, (path, depth) in caches.items():
+        reader(path, depth, 256, seconds=5)  # warm the page cache
+        for bs in (32, 256):
+            r = reader(path, depth, bs)
+            equiv = res["memcpy_GBps"] * 1e9 / (hidden * 2)
+            res["reader"][f"h{hidden}_bs{bs}"] = {**r, "memcpy_tok_s": equiv, "vs_memcpy": r["tok_s_total"] / equiv}
+        r2 = reader(path, depth, 256, procs=2)
+        res["reader"][f"h{hidden}_bs256_2proc"] = r2
+        print(f"reader h{hidden}: {json.dumps({k: v for k, v in res['reader'].items() if k.startswith(f'h{hidden}')})}",
+              flush=True)
+
+    # --- a cache larger than RAM (or evicted): sequential read vs the reader, training and storage order
+    big = cache_file(os.path.join(work, f"minilm-x{sizes[-1]}"))
+    seq = sequential_read_mbps(big)
+    cold = {"file_GB": os.path.getsize(big) / 1e9, "seq_read_MBps": seq}
+    for order, shuffle in (("training_order", True), ("storage_order", False)):
+        evict(big)
+        r = reader(big, 0, 256, shuffle=shuffle, seconds=60)
+        mbps = r["tok_s_total"] * 384 * 2 / 1e6
+        cold[order] = {**r, "MBps": mbps, "vs_seq_read": mbps / seq}
+    res["cold"] = cold
+    print(f"cold: {json.dumps(cold)}", flush=True)
+
+    # --- RssAnon of a short training at each size (MiniLM, all 6 layers from depth 0, 20 steps)
+    for n in sizes:
+        mem, _, _ = cli(work, "train", "--k", "0", "--dataset", make_corpus(work, n), "--cache-dir",
+                        os.path.join(work, f"minilm-x{n}"), "--runs-dir", os.path.join(work, "runs"),
+                        "--max-steps", "20", "--checkpoint-every", "-1", *common)
+        res["rss_anon"][n] = mem
+        print(f"train x{n}: {json.dumps(mem)}", flush=True)
+
+    # --- end to end, head only at width 768
+    res["head_only"] = {}
+    for bs in (256, 32):
+        _, stdout, _ = cli(work, "train", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir,
+                           "--runs-dir", os.path.join(work, "runs"), "--epochs", "1", "--batch-size", bs,
+                           "--checkpoint-every", "-1", *common)
+        run = [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("run dir: ")][-1]
+        rec = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+        res["head_only"][bs] = {"train_tok_s": rec["train_tokens_per_s"], "train_s": rec["train_seconds"],
+                                "val_accuracy": rec.get("val_accuracy")}
+        print(f"head-only bs{bs}: {json.dumps(res['head_only'][bs])}", flush=True)
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_scale.json"), "w") as fh:
+        json.dump(res, fh, indent=2)
+    md = table(res)
+    with open(os.path.join(out_dir, "bench_scale.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+
+
+def table(r: dict) -> str:
+    lines = [f"Machine: {r['machine']}; {r['date']}; `{r['command']}`; memcpy {r['memcpy_GBps']:.1f} GB/s", "",
+             "| corpus | examples | tokens | peak RSS MB (vs 1x) | prepare s | loop s | loop MB/s | disk write MB/s | "
+             "loop / disk | checksums s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, p in r["precompute"].items():
+        lines.append(f"| x{n} | {p['examples']:,} | {p['tokens']:,} | {p['peak_rss_mb']:.0f} ({p['rss_vs_1x']:.2f}) | "
+                     f"{p['prepare_s']:.1f} | {p['loop_s']:.1f} | {p['loop_MBps']:.0f} | {p['disk_write_MBps']:.0f} | "
+                     f"**{p['loop_vs_disk']:.2f}** | {p['checksum_s']:.1f} |")
+    n = r["nproc_precompute"]
+    lines += ["", f"Precompute x{n['size']}, 2 processes vs 1: loop {n['loop_s_2']:.1f} s vs {n['loop_s_1']:.1f} s "
+                  f"(**{n['loop_speedup']:.2f}x**), wall {n['wall_s_2']:.1f} s vs {n['wall_s_1']:.1f} s", "",
+              "| reader (no model, page cache) | tok/s | memcpy-equivalent tok/s | ratio |", "|---|---|---|---|"]
+    for key, v in r["reader"].items():
+        if "memcpy_tok_s" in v:
+            lines.append(f"| {key} | {v['tok_s_total'] / 1e6:.2f}M | {v['memcpy_tok_s'] / 1e6:.1f}M | "
+                         f"**{v['vs_memcpy']:.2f}** |")
+        else:
+            lines.append(f"| {key} (2 processes at once) | {v['tok_s_total'] / 1e6:.2f}M total "
+                         f"({', '.join(f'{t / 1e6:.2f}M' for t in v['tok_s_per_process'])}) | | |")
+    c = r["cold"]
+    lines += ["", f"Cold cache ({c['file_GB']:.1f} GB file evicted from the page cache): sequential read "
+                  f"{c['seq_read_MBps']:.0f} MB/s"]
+    for order in ("training_order", "storage_order"):
+        v = c[order]
+        lines.append(f"- reader, {order.replace('_', ' ')}: {v['tok_s_total'] / 1e6:.2f}M tok/s = {v['MBps']:.0f} MB/s, "
+                     f"**{v['vs_seq_read']:.2f}x** of the sequential read")
+    lines += ["", "| training (20 steps) | peak RssAnon MB | peak RSS MB |", "|---|---|---|"]
+    for n, m in r["rss_anon"].items():
+        lines.append(f"| x{n} | {m['peak_rss_anon_mb']:.0f} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", "| head-only training, width 768 | tok/s | epoch s |", "|---|---|---|"]
+    for bs, h in r["head_only"].items():
+        lines.append(f"| batch {bs} | **{h['train_tok_s'] / 1e6:.2f}M** | {h['train_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

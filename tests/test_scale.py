@@ -1,0 +1,173 @@
+"""The scale paths: memory-mapped batches equal the stored arrays, the batch order equals transformers' sampler,
+several processes for precompute (equal to one, a killed rank resumes) and for training (DDP equal to one process,
+gradual unfreezing and a SIGKILLed run resumed under 2 processes)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from pipeline.cache import Batches, CachedSplit
+from pipeline.config import PACKAGED_MINILM
+from pipeline.model import resolve_model_path
+from pipeline.precompute import precompute
+
+from conftest import ROOT, TINY, cache_arrays, cli_args, committed_examples, run_cli, tiny_cfg
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun gives each process one thread: the reference runs alike
+
+
+def _torchrun(*args, env=None, check=True, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *map(str, args)]
+    kw = dict(cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})}, text=True, stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    if popen:
+        return subprocess.Popen(cmd, start_new_session=True, **kw)
+    proc = subprocess.run(cmd, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_memmap_batches_equal_the_stored_arrays(tmp_path, tiny_model, small_csv):
+    cfg = tiny_cfg(tmp_path, tiny_model(), small_csv, depths="0,1")
+    path = precompute(cfg)
+    idx = [5, 0, 17, 3, 90, 3]  # any order, repeats allowed
+    with h5py.File(path) as f:
+        offsets, hidden, labels = f["train/offsets"][:], f["train/layer_0/hidden"][:], f["train/labels"][:]
+    for in_memory in (False, True):
+        ds = CachedSplit(path, "train", 0, in_memory=in_memory)
+        assert isinstance(ds._map(), np.ndarray) and (isinstance(ds._hidden, np.memmap) != in_memory)
+        batch = ds.__getitems__(idx)
+        x, mask = batch["inputs_embeds"], batch["attention_mask"]
+        assert x.dtype == torch.float16 and x.shape == (6, int(np.diff(offsets)[idx].max()), 32)
+        for row, i in enumerate(idx):
+            n = offsets[i + 1] - offsets[i]
+            assert np.array_equal(x[row, :n].numpy(), hidden[offsets[i]:offsets[i + 1]])
+            assert (x[row, n:] == 0).all() and mask[row].sum() == n and mask[row, :n].all()
+        assert batch["labels"].tolist() == labels[idx].tolist()
+    # a ring of reused buffers (the training loop's) gives the same values, and DataLoader workers map the file
+    ring = CachedSplit(path, "train", 0, reuse_buffers=True)
+    for _ in range(5):
+        assert torch.equal(ring.__getitems__(idx)["inputs_embeds"], batch["inputs_embeds"])
+    from pipeline.train import make_loader
+    from dataclasses import replace
+
+    loaders = [make_loader(CachedSplit(path, "train", 0), replace(cfg, num_workers=w), True, False,
+                           torch.Generator().manual_seed(3)) for w in (0, 2)]
+    for a, b in zip(*loaders):
+        assert torch.equal(a["inputs_embeds"], b["inputs_embeds"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_batch_order_is_transformers_length_grouped_order():
+    lengths = np.random.default_rng(0).integers(1, 60, size=1000)
+    for bs in (8, 32):
+        ours = [i for b in Batches(lengths, bs, shuffle=True, generator=torch.Generator().manual_seed(7)) for i in b]
+        ref = get_length_grouped_indices(lengths.tolist(), bs, generator=torch.Generator().manual_seed(7))
+        assert ours == ref
+    plain = [i for b in Batches(lengths, 8, shuffle=True, grouped=False, generator=torch.Generator().manual_seed(1))
+             for i in b]
+    assert plain == torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert [len(b) for b in Batches(lengths[:20], 8)] == [8, 8, 4]
+
+
+def _opts(tmp_path, model, data, sub="cache", **kw):
+    return dict(model=model, dataset=data, cache_dir=str(tmp_path / sub), runs_dir=str(tmp_path / "runs"), k=1,
+                depths="0,1", max_length=64, precompute_batch_size=4, commit_seconds=0, **kw)
+
+
+def test_two_process_precompute_equals_one_and_a_killed_rank_resumes(tmp_path, tiny_model, corpus_csv):
+    data = corpus_csv(1200)
+    one = _opts(tmp_path, tiny_model(), data, sub="one")
+    run_cli("precompute", *cli_args(one), env=ONE_THREAD)
+    (ref,) = (tmp_path / "one").glob("*.h5")
+
+    two = _opts(tmp_path, tiny_model(), data, sub="two")
+    proc = _torchrun("precompute", *cli_args(two), popen=True)
+    tmp = str(tmp_path / "two" / ref.name) + ".tmp"
+    t0 = time.time()
+    while committed_examples(tmp) < 300:
+        assert proc.poll() is None and time.time() - t0 < 180, proc.communicate()
+        time.sleep(0.01)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)  # one rank dies; torchrun stops the other
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    committed = committed_examples(tmp)
+    assert 300 <= committed < 1200 and not os.path.exists(tmp[:-4])
+
+    out = _torchrun("precompute", *cli_args(two)).stdout
+    assert f"resuming {tmp}: {committed} of 1200 examples" in out and f"{committed} resumed" in out
+    a, b = cache_arrays(ref), cache_arrays(tmp[:-4])
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert "passed all checks" in run_cli("check", *cli_args(two)).stdout
+    assert "up to date" in _torchrun("precompute", *cli_args(two)).stdout
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("no-dropout-bert")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("bert", **TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM)).save_pretrained(path)
+    return str(path)
+
+
+def _weights(tmp_path, name):
+    return load_file(tmp_path / "runs" / name / "top.safetensors")
+
+
+def _assert_close(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_dropout_model, small_csv):
+    # 128 train examples, global batch 8: 16 full batches per epoch, each split 4 + 4 over the processes
+    opts = cli_args(dict(model=no_dropout_model, dataset=small_csv, cache_dir=tmp_path / "cache",
+                         runs_dir=tmp_path / "runs", depths="1,2,3", stages="3,2,1", epochs=2, max_length=64,
+                         batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=5))
+    run_cli("precompute", *opts)
+    single = run_cli("train", *opts, "--run-name", "one", env=ONE_THREAD).stdout
+    ddp = _torchrun("train", *opts, "--run-name", "two").stdout
+    assert "2 process(es)" in ddp and "1 process(es)" in single
+    assert single.strip().splitlines()[-1] == ddp.strip().splitlines()[-1]  # the same validation metrics
+    _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "two"))
+
+    # killed mid-stage 2 after a checkpoint, then resumed with 2 processes: still the single-process result
+    proc = _torchrun("train", *opts, "--run-name", "killed", popen=True)
+    ckpts = tmp_path / "runs" / "killed" / "checkpoints"
+    t0 = time.time()
+    while not any("_epoch_003_" in p.name and not p.name.endswith("_000000") and (p / "trainer_state.json").exists()
+                  for p in (ckpts.iterdir() if ckpts.exists() else [])):
+        assert proc.poll() is None and time.time() - t0 < 300, proc.communicate()
+        time.sleep(0.01)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.send_signal(signal.SIGKILL)  # torchrun and its workers (which run in sessions of their own)
+    proc.communicate()
+    assert not (tmp_path / "runs" / "killed" / "results.json").exists()
+    resumed = _torchrun("train", *opts, "--run-name", "killed", "--resume").stdout
+    assert "resuming" in resumed and "epoch 3" in resumed
+    _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "killed"))
+
+
+def test_global_batch_must_split_evenly(tmp_path, tiny_model, small_csv):
+    opts = cli_args(dict(model=tiny_model(), dataset=small_csv, cache_dir=tmp_path / "cache", k=1, max_length=64,
+                         batch_size=7, runs_dir=tmp_path / "runs"))
+    run_cli("precompute", *opts)
+    proc = _torchrun("train", *opts, check=False)
+    assert proc.returncode != 0 and "make both multiples of 2" in proc.stderr
