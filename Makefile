@@ -1,7 +1,8 @@
 # make precompute && make train   -- the main job (default: packaged MiniLM + Rotten Tomatoes, 4 of 6 layers frozen)
 # make test                       -- the test suite (.ci/run calls exactly this)
 # Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README),
-#          DEPTHS=2,4 (cache several depths in one pass; train picks one with ARGS="--k 2")
+#          DEPTHS=2,4 (cache several depths in one pass; train picks one with ARGS="--k 2"),
+#          NPROC=N (precompute / train with N processes through torchrun: one per GPU, or CPU processes)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,9 +14,12 @@ ARGS ?=
 DEPTHS ?=
 SWEEP ?= sweeps/default.json
 RUN ?=
+NPROC ?= 1
 D := $(if $(DEPTHS),--depths $(DEPTHS))
+# N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
+LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train verify check sweep export predict bench test clean-cache
+.PHONY: setup data precompute train verify check sweep export predict bench bench-scale test clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
 # torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
@@ -35,10 +39,10 @@ setup: $(STAMP)
 data: $(DATA)
 
 precompute: $(STAMP) $(DATA)
-	$(PY) -m pipeline precompute --preset $(PRESET) $(D) $(ARGS)
+	$(LAUNCH) -m pipeline precompute --preset $(PRESET) $(D) $(ARGS)
 
 train: $(STAMP) $(DATA)
-	$(PY) -m pipeline train --preset $(PRESET) $(D) $(ARGS)
+	$(LAUNCH) -m pipeline train --preset $(PRESET) $(D) $(ARGS)
 
 verify: $(STAMP) $(DATA)
 	$(PY) -m pipeline verify --preset $(PRESET) $(D) $(ARGS)
@@ -63,6 +67,12 @@ predict: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP) $(DATA)
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Scale benchmark: 1x/10x/100x corpora (the 100x cache is ~27 GB), precompute RSS and write rate vs the disk,
+# reader vs memcpy and vs the disk, RssAnon, 1 vs 2 processes; SCALE_ARGS="--sizes 1,10"
+SCALE_ARGS ?=
+bench-scale: $(STAMP) $(DATA)
+	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
 
 test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q tests

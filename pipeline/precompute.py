@@ -101,9 +101,9 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
         share(state, job)
         try:
             t0 = time.perf_counter()
-            _loop(job, cfg, state, device)
+            job.totals["loop_seconds"] = _loop(job, cfg, state, device)  # this process: forward + writes + commits
             state.wait_for_everyone()
-            job.totals["loop_seconds"] = time.perf_counter() - t0  # forward + writes + commits (every process)
+            job.totals["loop_wall_seconds"] = time.perf_counter() - t0  # also model loading and waiting for the rest
             _finish(job)
         except torch.OutOfMemoryError:
             raise PipelineError(
@@ -353,7 +353,8 @@ class _Batch:
 
 
 def _batches(tmp: str) -> tuple[list, dict]:
-    """The plan's batches (split after split, batch_rows examples each) and the file layout the loop writes into."""
+    """The plan's batches (split after split, batch_rows examples each) and the file layout the loop writes into
+    (with /progress: which batches are committed)."""
     with h5py.File(tmp, "r") as f:
         splits, bs = json.loads(f.attrs["splits_json"]), int(f.attrs["batch_rows"])
         progress = f["progress"][:]
@@ -365,10 +366,10 @@ def _batches(tmp: str) -> tuple[list, dict]:
                   "ids": [C.map_array(tmp, f[s]["input_ids"]) for s in splits],
                   "types": [C.map_array(tmp, f[s]["token_type_ids"]) if "token_type_ids" in f[s] else None
                             for s in splits]}
+    layout["progress"] = progress
     batches = [(si, lo, min(lo + bs, len(layout["lengths"][si])))
                for si in range(len(splits)) for lo in range(0, len(layout["lengths"][si]), bs)]
-    todo = [_Batch(b, *x) for b, x in enumerate(batches) if progress[b] == 0]
-    return todo, layout
+    return [_Batch(b, *x) for b, x in enumerate(batches)], layout
 
 
 def _inputs(layout: dict, b: _Batch) -> dict:
@@ -386,14 +387,15 @@ def _inputs(layout: dict, b: _Batch) -> dict:
     return out
 
 
-def _loop(job: Job, cfg: Config, state, device, bottom=None) -> None:
+def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
     """This process's share of the plan's uncommitted batches (batch b goes to process b % N): forward, cast to the
-    storage dtype on the device, copy to the host, and hand the rows to the writer thread."""
+    storage dtype on the device, copy to the host, and hand the rows to the writer thread. Returns the
+    seconds from the first batch to the last commit."""
     device = torch.device(device) if device else (state.device if state.num_processes > 1 else torch.device(
         "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
     bottom = (bottom or load_bottom(replace(cfg, k=max(job.depths)))).to(device)
-    todo, layout = _batches(job.tmp)
-    mine = [b for b in todo if b.index % state.num_processes == state.process_index]
+    batches, layout = _batches(job.tmp)
+    mine = [b for b in batches if layout["progress"][b.index] == 0 and b.index % state.num_processes == state.process_index]
     storage = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[layout["dtype"]]
     row_bytes = job.hidden_size * layout["dtype"].itemsize
     fd = os.open(job.tmp, os.O_RDWR)
@@ -419,6 +421,7 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> None:
                 bar.update(b.end - b.start)
                 bar.set_postfix(tok_s=f"{done_tok / (time.perf_counter() - t0):.0f}", refresh=False)
             writer.close()  # the last commit
+        return time.perf_counter() - t0
     finally:
         writer.close()
         bar.close()

@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,38 @@ def memcpy_gbps() -> float:
     return a.nbytes / best / 1e9
 
 
+# The loop's two halves alone, on the loop's own batches: the bottom's forward (+ the cast to fp16 on the device)
+# without writing, and the writer thread fed the same bytes without a model.
+HALVES = r"""
+import json, os, sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from pipeline.cli import quiet_libraries; quiet_libraries()
+from pipeline.config import make_config
+from pipeline.model import load_bottom
+from pipeline.precompute import _Writer, _batches, _inputs
+path, scratch, model = sys.argv[2], sys.argv[3], sys.argv[4]
+batches, layout = _batches(path)
+bottom = load_bottom(make_config("default", k=0, model=model) if model != "-" else make_config("default", k=0))
+shapes, tokens, t0 = [], 0, time.perf_counter()
+with torch.inference_mode():
+    for b in batches:
+        x = _inputs(layout, b)
+        rows = bottom(**x).last_hidden_state[x["attention_mask"].bool()].to(torch.float16)
+        shapes.append(rows.shape)
+        tokens += rows.shape[0]
+forward_s = time.perf_counter() - t0
+fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+pool = [torch.randn(max(s[0] for s in shapes), shapes[0][1]).half() for _ in range(6)]
+writer, at, t0 = _Writer(fd, 0, 5.0, 256 << 20), 4 * len(batches), time.perf_counter()
+for i, (n, h) in enumerate(shapes):
+    writer.put([(pool[i % 6][:n], None, at)], i, 1)
+    at += n * h * 2
+writer.close()
+write_s = time.perf_counter() - t0
+os.close(fd); os.remove(scratch)
+print(json.dumps({"forward_tok_s": tokens / forward_s, "writer_MBps": (at - 4 * len(batches)) / write_s / 1e6}))
+"""
+
 READER = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
@@ -149,28 +182,37 @@ from pipeline.cache import CachedSplit
 from pipeline.config import make_config
 from pipeline.train import make_loader
 path, depth, bs, shuffle, seconds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", float(sys.argv[6])
-ds = CachedSplit(path, "train", depth, reuse_buffers=True)
+max_tokens, in_memory = int(sys.argv[7]), sys.argv[8] == "1"
+ds = CachedSplit(path, "train", depth, in_memory=in_memory, reuse_buffers=True)
 cfg = make_config("default", batch_size=bs)
 loader = make_loader(ds, cfg, shuffle, False, torch.Generator().manual_seed(0))
 if not shuffle:  # storage order: the batch sampler without shuffling
     loader.batch_sampler.shuffle = False
-tokens, t0 = 0, time.perf_counter()
-for batch in loader:
-    tokens += int(batch["attention_mask"].sum())
-    if time.perf_counter() - t0 > seconds:
+tokens, t0, epochs = 0, time.perf_counter(), 0
+while time.perf_counter() - t0 < seconds:  # whole passes (a new order each) until `seconds`, or part of one
+    epochs += 1
+    loader.generator.manual_seed(epochs)
+    for batch in loader:
+        tokens += int(batch["attention_mask"].sum())
+        if time.perf_counter() - t0 > seconds or tokens >= max_tokens:
+            break
+    if tokens >= max_tokens:
         break
 secs = time.perf_counter() - t0
-print(json.dumps({"tokens": tokens, "seconds": secs, "tok_s": tokens / secs}))
+anon = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:")][0]
+print(json.dumps({"tokens": tokens, "seconds": secs, "tok_s": tokens / secs, "rss_anon_mb": anon / 1024}))
 """
 
 
-def reader(path: str, depth: int, bs: int, shuffle: bool = True, seconds: float = 20.0, procs: int = 1) -> dict:
-    """The data path alone, in `procs` concurrent fresh processes (each a whole pass or `seconds`)."""
-    cmd = [PY, "-c", READER, ROOT, path, str(depth), str(bs), "1" if shuffle else "0", str(seconds)]
+def reader(path: str, depth: int, bs: int, shuffle: bool = True, seconds: float = 20.0, procs: int = 1,
+           max_tokens: int = 1 << 62, in_memory: bool = False) -> dict:
+    """The data path alone, in `procs` concurrent fresh processes (passes until `seconds` or `max_tokens`)."""
+    cmd = [PY, "-c", READER, ROOT, path, str(depth), str(bs), "1" if shuffle else "0", str(seconds),
+           str(max_tokens), "1" if in_memory else "0"]
     running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in running]
     return {"tok_s_per_process": [round(o["tok_s"]) for o in outs], "tok_s_total": round(sum(o["tok_s"] for o in outs)),
-            "seconds": max(o["seconds"] for o in outs)}
+            "seconds": max(o["seconds"] for o in outs), "rss_anon_mb": max(o["rss_anon_mb"] for o in outs)}
 
 
 def make_wide_model(work: str) -> str:
@@ -230,11 +272,16 @@ def main():
     for n in sizes:
         data = make_corpus(work, n)
         cdir = os.path.join(work, f"minilm-x{n}")
+        shutil.rmtree(cdir, ignore_errors=True)  # a fresh build every run
         mem, _, wall = cli(work, "precompute", "--k", "0", "--dataset", data, "--cache-dir", cdir, *common)
         s = stats(cache_file(cdir))
         mbps = s["hidden_bytes"] / s["loop_seconds"] / 1e6
         dd = disk_write_mbps(work, min(s["hidden_bytes"], int(args.write_cap_gb * 1e9)))
-        res["precompute"][n] = {**mem, "wall_s": wall, "examples": s["examples"], "tokens": s["tokens"],
+        halves = subprocess.run([PY, "-c", HALVES, ROOT, cache_file(cdir), os.path.join(work, "w.bin"), "-"],
+                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        halves = json.loads(halves)
+        res["precompute"][n] = {**mem, "wall_s": wall, **halves, "writer_vs_disk": halves["writer_MBps"] / dd,
+                                "loop_vs_forward": s["tokens"] / s["loop_seconds"] / halves["forward_tok_s"], "examples": s["examples"], "tokens": s["tokens"],
                                 "hidden_GB": s["hidden_bytes"] / 1e9, "prepare_s": s["prepare_seconds"],
                                 "loop_s": s["loop_seconds"], "checksum_s": s["checksum_seconds"],
                                 "loop_tok_s": s["tokens"] / s["loop_seconds"], "loop_MBps": mbps,
@@ -273,20 +320,29 @@ def main():
             res["reader"][f"h{hidden}_bs{bs}"] = {**r, "memcpy_tok_s": equiv, "vs_memcpy": r["tok_s_total"] / equiv}
         r2 = reader(path, depth, 256, procs=2)
         res["reader"][f"h{hidden}_bs256_2proc"] = r2
+        ram = reader(path, depth, 256, in_memory=True)  # the in-RAM copy (its load time not counted)
+        res["reader"][f"h{hidden}_bs256_in_memory"] = {**ram, "memcpy_tok_s": equiv, "vs_memcpy": ram["tok_s_total"] / equiv}
         print(f"reader h{hidden}: {json.dumps({k: v for k, v in res['reader'].items() if k.startswith(f'h{hidden}')})}",
               flush=True)
 
     # --- a cache larger than RAM (or evicted): sequential read vs the reader, training and storage order
     big = cache_file(os.path.join(work, f"minilm-x{sizes[-1]}"))
     seq = sequential_read_mbps(big)
-    cold = {"file_GB": os.path.getsize(big) / 1e9, "seq_read_MBps": seq}
+    # a third of the train split's tokens: every byte read comes from the disk (first touch after the eviction)
+    third = res["precompute"][sizes[-1]]["tokens"] * 8 // 10 // 3
+    cold = {"file_GB": os.path.getsize(big) / 1e9, "seq_read_MBps": seq, "tokens_read": third}
     for order, shuffle in (("training_order", True), ("storage_order", False)):
         evict(big)
-        r = reader(big, 0, 256, shuffle=shuffle, seconds=60)
+        r = reader(big, 0, 256, shuffle=shuffle, seconds=300, max_tokens=third)
         mbps = r["tok_s_total"] * 384 * 2 / 1e6
         cold[order] = {**r, "MBps": mbps, "vs_seq_read": mbps / seq}
     res["cold"] = cold
     print(f"cold: {json.dumps(cold)}", flush=True)
+
+    # --- RssAnon of the data path alone at each size (a reader process, MiniLM caches, batch 256)
+    res["reader_rss_anon"] = {n: reader(cache_file(os.path.join(work, f"minilm-x{n}")), 0, 256, seconds=10)
+                              for n in sizes}
+    print(f"reader RssAnon: {json.dumps(res['reader_rss_anon'])}", flush=True)
 
     # --- RssAnon of a short training at each size (MiniLM, all 6 layers from depth 0, 20 steps)
     for n in sizes:
@@ -296,8 +352,9 @@ def main():
         res["rss_anon"][n] = mem
         print(f"train x{n}: {json.dumps(mem)}", flush=True)
 
-    # --- end to end, head only at width 768
+    # --- end to end, head only at width 768, from the page cache (read once first)
     res["head_only"] = {}
+    reader(cache_file(wdir), 1, 256, seconds=5)
     for bs in (256, 32):
         _, stdout, _ = cli(work, "train", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir,
                            "--runs-dir", os.path.join(work, "runs"), "--epochs", "1", "--batch-size", bs,
@@ -320,11 +377,13 @@ def main():
 def table(r: dict) -> str:
     lines = [f"Machine: {r['machine']}; {r['date']}; `{r['command']}`; memcpy {r['memcpy_GBps']:.1f} GB/s", "",
              "| corpus | examples | tokens | peak RSS MB (vs 1x) | prepare s | loop s | loop MB/s | disk write MB/s | "
-             "loop / disk | checksums s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "loop / disk | writer alone MB/s (/ disk) | loop / forward alone | checksums s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, p in r["precompute"].items():
         lines.append(f"| x{n} | {p['examples']:,} | {p['tokens']:,} | {p['peak_rss_mb']:.0f} ({p['rss_vs_1x']:.2f}) | "
                      f"{p['prepare_s']:.1f} | {p['loop_s']:.1f} | {p['loop_MBps']:.0f} | {p['disk_write_MBps']:.0f} | "
-                     f"**{p['loop_vs_disk']:.2f}** | {p['checksum_s']:.1f} |")
+                     f"**{p['loop_vs_disk']:.2f}** | {p['writer_MBps']:.0f} (**{p['writer_vs_disk']:.2f}**) | "
+                     f"**{p['loop_vs_forward']:.2f}** | {p['checksum_s']:.1f} |")
     n = r["nproc_precompute"]
     lines += ["", f"Precompute x{n['size']}, 2 processes vs 1: loop {n['loop_s_2']:.1f} s vs {n['loop_s_1']:.1f} s "
                   f"(**{n['loop_speedup']:.2f}x**), wall {n['wall_s_2']:.1f} s vs {n['wall_s_1']:.1f} s", "",
@@ -334,18 +393,23 @@ def table(r: dict) -> str:
             lines.append(f"| {key} | {v['tok_s_total'] / 1e6:.2f}M | {v['memcpy_tok_s'] / 1e6:.1f}M | "
                          f"**{v['vs_memcpy']:.2f}** |")
         else:
-            lines.append(f"| {key} (2 processes at once) | {v['tok_s_total'] / 1e6:.2f}M total "
+            lines.append(f"| {key[:-len('_2proc')]} (2 processes at once) | {v['tok_s_total'] / 1e6:.2f}M total "
                          f"({', '.join(f'{t / 1e6:.2f}M' for t in v['tok_s_per_process'])}) | | |")
     c = r["cold"]
     lines += ["", f"Cold cache ({c['file_GB']:.1f} GB file evicted from the page cache): sequential read "
                   f"{c['seq_read_MBps']:.0f} MB/s"]
+    lines.append(f"(the reader read {c['tokens_read'] / 1e6:.1f}M tokens = a third of the train split, each byte "
+                 f"once from the disk)")
     for order in ("training_order", "storage_order"):
         v = c[order]
         lines.append(f"- reader, {order.replace('_', ' ')}: {v['tok_s_total'] / 1e6:.2f}M tok/s = {v['MBps']:.0f} MB/s, "
                      f"**{v['vs_seq_read']:.2f}x** of the sequential read")
-    lines += ["", "| training (20 steps) | peak RssAnon MB | peak RSS MB |", "|---|---|---|"]
+    lines += ["", "| corpus | reader RssAnon MB (batch 256, no model) | reader tok/s | training (20 steps + eval) "
+                  "peak RssAnon MB | peak RSS MB |", "|---|---|---|---|---|"]
     for n, m in r["rss_anon"].items():
-        lines.append(f"| x{n} | {m['peak_rss_anon_mb']:.0f} | {m['peak_rss_mb']:.0f} |")
+        d = r["reader_rss_anon"][n]
+        lines.append(f"| x{n} | {d['rss_anon_mb']:.0f} | {d['tok_s_total'] / 1e6:.2f}M | {m['peak_rss_anon_mb']:.0f} | "
+                     f"{m['peak_rss_mb']:.0f} |")
     lines += ["", "| head-only training, width 768 | tok/s | epoch s |", "|---|---|---|"]
     for bs, h in r["head_only"].items():
         lines.append(f"| batch {bs} | **{h['train_tok_s'] / 1e6:.2f}M** | {h['train_s']:.1f} |")
