@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -307,9 +308,14 @@ class CachedSplit(torch.utils.data.Dataset):
             self.labels = g["labels"][:]
             self.example_ids = g["example_ids"][:]
             self.hidden_size = f[self.key].shape[1]
+            f_dtype_size = f[self.key].dtype.itemsize
             map_array(path, f[self.key])  # fails now, with the fix, if the array cannot be mapped
         self._hidden, self._ring, self._next = None, None, 0
         self.reuse_buffers = reuse_buffers
+        # a split larger than half the RAM will not stay in the page cache: batches come from the disk, so each
+        # batch's reads are issued together (_prefetch)
+        split_bytes = int(self.offsets[-1]) * self.hidden_size * f_dtype_size
+        self._from_disk = split_bytes > 0.5 * psutil.virtual_memory().total
         if in_memory:
             need = int(self.offsets[-1]) * self.hidden_size * np.dtype(self._map().dtype).itemsize
             available = psutil.virtual_memory().available
@@ -341,10 +347,22 @@ class CachedSplit(torch.utils.data.Dataset):
             self._ring[slot] = np.empty((rows, self.hidden_size), dtype)
         return self._ring[slot][:rows]
 
+    def _prefetch(self, idx: np.ndarray, lengths: np.ndarray) -> None:
+        """Ask the kernel to read every example's rows of the batch at once (madvise WILLNEED: asynchronous
+        readahead of all of them) before the gather touches them one by one: random batches from a cache larger
+        than RAM then keep the disk busy instead of waiting for one page fault after another."""
+        hidden = self._map()
+        mm, base = hidden._mmap, hidden.offset - hidden.offset % mmap.ALLOCATIONGRANULARITY  # np.memmap internals
+        row_bytes, page = self.hidden_size * hidden.dtype.itemsize, mmap.PAGESIZE
+        for s, n in zip((self.offsets[idx] * row_bytes + hidden.offset - base).tolist(),
+                        (lengths * row_bytes).tolist()):
+            start = s - s % page
+            mm.madvise(mmap.MADV_WILLNEED, start, s + n - start)
+
     def _gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         """out[i] = hidden[rows[i]]: np.take (vectorised, clip mode: no extra buffer) in THREADS contiguous pieces
         at once (np.take releases the GIL; one thread reaches about half of memcpy on random rows)."""
-        src, pieces = self._map(), min(self.THREADS, max(1, len(rows) // 256))
+        src, pieces = self._map(), min(self.THREADS, max(1, len(rows) // 2048))
         if pieces == 1:
             np.take(src, rows, axis=0, out=out, mode="clip")
             return
@@ -366,6 +384,8 @@ class CachedSplit(torch.utils.data.Dataset):
         mask = np.arange(width) < lengths[:, None]
         rows = np.where(mask, self.offsets[idx][:, None] + np.arange(width), 0).ravel()  # padding reads row 0 ...
         out = self._buffer(len(rows))
+        if self._from_disk:
+            self._prefetch(idx, lengths)
         self._gather(rows, out)
         out[~mask.ravel()] = 0  # ... and is zeroed
         return {"inputs_embeds": torch.from_numpy(out.reshape(len(idx), width, self.hidden_size)),

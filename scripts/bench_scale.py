@@ -254,8 +254,12 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-cap-gb", type=float, default=8.0, help="cap of the disk-write reference's bytes")
     ap.add_argument("--wide-size", type=int, default=10, help="corpus multiple for the width-768 caches")
+    ap.add_argument("--parts", default="precompute,nproc,reader,cold,rss,head_only",
+                    help="which measurements (cold needs precompute's largest cache, rss its caches)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    parts = set(args.parts.split(","))
+    mid = sizes[min(1, len(sizes) - 1)]
     work, out_dir = args.work, args.out or args.work
     os.makedirs(work, exist_ok=True)
     import psutil
@@ -268,102 +272,111 @@ def main():
     print(f"memcpy {res['memcpy_GBps']:.1f} GB/s", flush=True)
     common = ["--label-column", "category", "--max-length", "128"]
 
-    # --- precompute at each size (MiniLM --k 0) against the disk's write bandwidth
-    for n in sizes:
-        data = make_corpus(work, n)
-        cdir = os.path.join(work, f"minilm-x{n}")
-        shutil.rmtree(cdir, ignore_errors=True)  # a fresh build every run
-        mem, _, wall = cli(work, "precompute", "--k", "0", "--dataset", data, "--cache-dir", cdir, *common)
-        s = stats(cache_file(cdir))
-        mbps = s["hidden_bytes"] / s["loop_seconds"] / 1e6
-        dd = disk_write_mbps(work, min(s["hidden_bytes"], int(args.write_cap_gb * 1e9)))
-        halves = subprocess.run([PY, "-c", HALVES, ROOT, cache_file(cdir), os.path.join(work, "w.bin"), "-"],
-                                capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        halves = json.loads(halves)
-        res["precompute"][n] = {**mem, "wall_s": wall, **halves, "writer_vs_disk": halves["writer_MBps"] / dd,
-                                "loop_vs_forward": s["tokens"] / s["loop_seconds"] / halves["forward_tok_s"], "examples": s["examples"], "tokens": s["tokens"],
-                                "hidden_GB": s["hidden_bytes"] / 1e9, "prepare_s": s["prepare_seconds"],
-                                "loop_s": s["loop_seconds"], "checksum_s": s["checksum_seconds"],
-                                "loop_tok_s": s["tokens"] / s["loop_seconds"], "loop_MBps": mbps,
-                                "disk_write_MBps": dd, "loop_vs_disk": mbps / dd}
-        print(f"precompute x{n}: {json.dumps(res['precompute'][n])}", flush=True)
-    base = res["precompute"][sizes[0]]["peak_rss_mb"]
-    for n in sizes:
-        res["precompute"][n]["rss_vs_1x"] = res["precompute"][n]["peak_rss_mb"] / base
+    if "precompute" in parts:
+        # --- precompute at each size (MiniLM --k 0) against the disk's write bandwidth
+        for n in sizes:
+            data = make_corpus(work, n)
+            cdir = os.path.join(work, f"minilm-x{n}")
+            shutil.rmtree(cdir, ignore_errors=True)  # a fresh build every run
+            mem, _, wall = cli(work, "precompute", "--k", "0", "--dataset", data, "--cache-dir", cdir, *common)
+            s = stats(cache_file(cdir))
+            mbps = s["hidden_bytes"] / s["loop_seconds"] / 1e6
+            dd = disk_write_mbps(work, min(s["hidden_bytes"], int(args.write_cap_gb * 1e9)))
+            halves = subprocess.run([PY, "-c", HALVES, ROOT, cache_file(cdir), os.path.join(work, "w.bin"), "-"],
+                                    capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            halves = json.loads(halves)
+            res["precompute"][n] = {**mem, "wall_s": wall, **halves, "writer_vs_disk": halves["writer_MBps"] / dd,
+                                    "loop_vs_forward": s["tokens"] / s["loop_seconds"] / halves["forward_tok_s"], "examples": s["examples"], "tokens": s["tokens"],
+                                    "hidden_GB": s["hidden_bytes"] / 1e9, "prepare_s": s["prepare_seconds"],
+                                    "loop_s": s["loop_seconds"], "checksum_s": s["checksum_seconds"],
+                                    "loop_tok_s": s["tokens"] / s["loop_seconds"], "loop_MBps": mbps,
+                                    "disk_write_MBps": dd, "loop_vs_disk": mbps / dd}
+            print(f"precompute x{n}: {json.dumps(res['precompute'][n])}", flush=True)
+        base = res["precompute"][sizes[0]]["peak_rss_mb"]
+        for n in sizes:
+            res["precompute"][n]["rss_vs_1x"] = res["precompute"][n]["peak_rss_mb"] / base
+            res["precompute"][n]["anon_vs_1x"] = (res["precompute"][n]["peak_rss_anon_mb"] /
+                                                  res["precompute"][sizes[0]]["peak_rss_anon_mb"])
 
-    # --- 2 processes vs 1 for precompute, middle size
-    mid = sizes[min(1, len(sizes) - 1)]
-    cdir2 = os.path.join(work, f"minilm-x{mid}-2proc")
-    if os.path.exists(cdir2):
-        for name in os.listdir(cdir2):
-            os.remove(os.path.join(cdir2, name))
-    _, _, wall2 = cli(work, "precompute", "--k", "0", "--dataset", make_corpus(work, mid), "--cache-dir", cdir2,
-                      *common, nproc=2)
-    s2 = stats(cache_file(cdir2))
-    one = res["precompute"][mid]
-    res["nproc_precompute"] = {"size": mid, "loop_s_1": one["loop_s"], "loop_s_2": s2["loop_seconds"],
-                               "loop_speedup": one["loop_s"] / s2["loop_seconds"], "wall_s_1": one["wall_s"],
-                               "wall_s_2": wall2}
-    print(f"nproc: {json.dumps(res['nproc_precompute'])}", flush=True)
+    if "nproc" in parts:
+        # --- 2 processes vs 1 for precompute, middle size
+        cdir2 = os.path.join(work, f"minilm-x{mid}-2proc")
+        if os.path.exists(cdir2):
+            for name in os.listdir(cdir2):
+                os.remove(os.path.join(cdir2, name))
+        _, _, wall2 = cli(work, "precompute", "--k", "0", "--dataset", make_corpus(work, mid), "--cache-dir", cdir2,
+                          *common, nproc=2)
+        s2 = stats(cache_file(cdir2))
+        one = res["precompute"][mid]
+        res["nproc_precompute"] = {"size": mid, "loop_s_1": one["loop_s"], "loop_s_2": s2["loop_seconds"],
+                                   "loop_speedup": one["loop_s"] / s2["loop_seconds"], "wall_s_1": one["wall_s"],
+                                   "wall_s_2": wall2}
+        print(f"nproc: {json.dumps(res['nproc_precompute'])}", flush=True)
 
-    # --- width 768 cache (1-layer BERT, --k 1 = head only), then the reader from the page cache
-    wide = make_wide_model(work)
-    wdir = os.path.join(work, f"bert768-x{args.wide_size}")
-    wdata = make_corpus(work, args.wide_size)
-    cli(work, "precompute", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir, *common)
-    caches = {384: (cache_file(os.path.join(work, f"minilm-x{mid}")), 0), 768: (cache_file(wdir), 1)}
-    for hidden, (path, depth) in caches.items():
-        reader(path, depth, 256, seconds=5)  # warm the page cache
-        for bs in (32, 256):
-            r = reader(path, depth, bs)
-            equiv = res["memcpy_GBps"] * 1e9 / (hidden * 2)
-            res["reader"][f"h{hidden}_bs{bs}"] = {**r, "memcpy_tok_s": equiv, "vs_memcpy": r["tok_s_total"] / equiv}
-        r2 = reader(path, depth, 256, procs=2)
-        res["reader"][f"h{hidden}_bs256_2proc"] = r2
-        ram = reader(path, depth, 256, in_memory=True)  # the in-RAM copy (its load time not counted)
-        res["reader"][f"h{hidden}_bs256_in_memory"] = {**ram, "memcpy_tok_s": equiv, "vs_memcpy": ram["tok_s_total"] / equiv}
-        print(f"reader h{hidden}: {json.dumps({k: v for k, v in res['reader'].items() if k.startswith(f'h{hidden}')})}",
-              flush=True)
+    if "reader" in parts:
+        # --- width 768 cache (1-layer BERT, --k 1 = head only), then the reader from the page cache
+        wide = make_wide_model(work)
+        wdir = os.path.join(work, f"bert768-x{args.wide_size}")
+        wdata = make_corpus(work, args.wide_size)
+        cli(work, "precompute", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir, *common)
+        caches = {384: (cache_file(os.path.join(work, f"minilm-x{mid}")), 0), 768: (cache_file(wdir), 1)}
+        for hidden, (path, depth) in caches.items():
+            reader(path, depth, 256, seconds=5)  # warm the page cache
+            for bs in (32, 256):
+                r = reader(path, depth, bs)
+                equiv = res["memcpy_GBps"] * 1e9 / (hidden * 2)
+                res["reader"][f"h{hidden}_bs{bs}"] = {**r, "memcpy_tok_s": equiv, "vs_memcpy": r["tok_s_total"] / equiv}
+            r2 = reader(path, depth, 256, procs=2)
+            res["reader"][f"h{hidden}_bs256_2proc"] = r2
+            ram = reader(path, depth, 256, in_memory=True)  # the in-RAM copy (its load time not counted)
+            res["reader"][f"h{hidden}_bs256_in_memory"] = {**ram, "memcpy_tok_s": equiv, "vs_memcpy": ram["tok_s_total"] / equiv}
+            print(f"reader h{hidden}: {json.dumps({k: v for k, v in res['reader'].items() if k.startswith(f'h{hidden}')})}",
+                  flush=True)
 
-    # --- a cache larger than RAM (or evicted): sequential read vs the reader, training and storage order
-    big = cache_file(os.path.join(work, f"minilm-x{sizes[-1]}"))
-    seq = sequential_read_mbps(big)
-    # a third of the train split's tokens: every byte read comes from the disk (first touch after the eviction)
-    third = res["precompute"][sizes[-1]]["tokens"] * 8 // 10 // 3
-    cold = {"file_GB": os.path.getsize(big) / 1e9, "seq_read_MBps": seq, "tokens_read": third}
-    for order, shuffle in (("training_order", True), ("storage_order", False)):
-        evict(big)
-        r = reader(big, 0, 256, shuffle=shuffle, seconds=300, max_tokens=third)
-        mbps = r["tok_s_total"] * 384 * 2 / 1e6
-        cold[order] = {**r, "MBps": mbps, "vs_seq_read": mbps / seq}
-    res["cold"] = cold
-    print(f"cold: {json.dumps(cold)}", flush=True)
+    if "cold" in parts:
+        # --- a cache larger than RAM (or evicted): sequential read vs the reader, training and storage order
+        big = cache_file(os.path.join(work, f"minilm-x{sizes[-1]}"))
+        seq = sequential_read_mbps(big)
+        # a third of the train split's tokens: every byte read comes from the disk (first touch after the eviction)
+        with h5py.File(big, "r") as f:
+            third = int(f["train/offsets"][-1]) // 3
+        cold = {"file_GB": os.path.getsize(big) / 1e9, "seq_read_MBps": seq, "tokens_read": third}
+        for order, shuffle in (("training_order", True), ("storage_order", False)):
+            evict(big)
+            r = reader(big, 0, 256, shuffle=shuffle, seconds=300, max_tokens=third)
+            mbps = r["tok_s_total"] * 384 * 2 / 1e6
+            cold[order] = {**r, "MBps": mbps, "vs_seq_read": mbps / seq}
+        res["cold"] = cold
+        print(f"cold: {json.dumps(cold)}", flush=True)
 
-    # --- RssAnon of the data path alone at each size (a reader process, MiniLM caches, batch 256)
-    res["reader_rss_anon"] = {n: reader(cache_file(os.path.join(work, f"minilm-x{n}")), 0, 256, seconds=10)
-                              for n in sizes}
-    print(f"reader RssAnon: {json.dumps(res['reader_rss_anon'])}", flush=True)
+    if "rss" in parts:
+        # --- RssAnon of the data path alone at each size (a reader process, MiniLM caches, batch 256)
+        res["reader_rss_anon"] = {n: reader(cache_file(os.path.join(work, f"minilm-x{n}")), 0, 256, seconds=10)
+                                  for n in sizes}
+        print(f"reader RssAnon: {json.dumps(res['reader_rss_anon'])}", flush=True)
 
-    # --- RssAnon of a short training at each size (MiniLM, all 6 layers from depth 0, 20 steps)
-    for n in sizes:
-        mem, _, _ = cli(work, "train", "--k", "0", "--dataset", make_corpus(work, n), "--cache-dir",
-                        os.path.join(work, f"minilm-x{n}"), "--runs-dir", os.path.join(work, "runs"),
-                        "--max-steps", "20", "--checkpoint-every", "-1", *common)
-        res["rss_anon"][n] = mem
-        print(f"train x{n}: {json.dumps(mem)}", flush=True)
+    if "rss" in parts:
+        # --- RssAnon of a short training at each size (MiniLM, all 6 layers from depth 0, 20 steps)
+        for n in sizes:
+            mem, _, _ = cli(work, "train", "--k", "0", "--dataset", make_corpus(work, n), "--cache-dir",
+                            os.path.join(work, f"minilm-x{n}"), "--runs-dir", os.path.join(work, "runs"),
+                            "--max-steps", "20", "--checkpoint-every", "-1", *common)
+            res["rss_anon"][n] = mem
+            print(f"train x{n}: {json.dumps(mem)}", flush=True)
 
-    # --- end to end, head only at width 768, from the page cache (read once first)
-    res["head_only"] = {}
-    reader(cache_file(wdir), 1, 256, seconds=5)
-    for bs in (256, 32):
-        _, stdout, _ = cli(work, "train", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir,
-                           "--runs-dir", os.path.join(work, "runs"), "--epochs", "1", "--batch-size", bs,
-                           "--checkpoint-every", "-1", *common)
-        run = [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("run dir: ")][-1]
-        rec = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
-        res["head_only"][bs] = {"train_tok_s": rec["train_tokens_per_s"], "train_s": rec["train_seconds"],
-                                "val_accuracy": rec.get("val_accuracy")}
-        print(f"head-only bs{bs}: {json.dumps(res['head_only'][bs])}", flush=True)
+    if "head_only" in parts:
+        # --- end to end, head only at width 768, from the page cache (read once first)
+        res["head_only"] = {}
+        reader(cache_file(wdir), 1, 256, seconds=5)
+        for bs in (256, 32):
+            _, stdout, _ = cli(work, "train", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir,
+                               "--runs-dir", os.path.join(work, "runs"), "--epochs", "1", "--batch-size", bs,
+                               "--checkpoint-every", "-1", *common)
+            run = [line.split(": ", 1)[1] for line in stdout.splitlines() if line.startswith("run dir: ")][-1]
+            rec = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+            res["head_only"][bs] = {"train_tok_s": rec["train_tokens_per_s"], "train_s": rec["train_seconds"],
+                                    "val_accuracy": rec.get("val_accuracy")}
+            print(f"head-only bs{bs}: {json.dumps(res['head_only'][bs])}", flush=True)
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "bench_scale.json"), "w") as fh:
@@ -375,18 +388,20 @@ def main():
 
 
 def table(r: dict) -> str:
+    r = {"precompute": {}, "reader": {}, "rss_anon": {}, "head_only": {}, **r}
     lines = [f"Machine: {r['machine']}; {r['date']}; `{r['command']}`; memcpy {r['memcpy_GBps']:.1f} GB/s", "",
-             "| corpus | examples | tokens | peak RSS MB (vs 1x) | prepare s | loop s | loop MB/s | disk write MB/s | "
+             "| corpus | examples | tokens | peak RSS MB (vs 1x) | peak RssAnon MB (vs 1x) | prepare s | loop s | loop MB/s | disk write MB/s | "
              "loop / disk | writer alone MB/s (/ disk) | loop / forward alone | checksums s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, p in r["precompute"].items():
         lines.append(f"| x{n} | {p['examples']:,} | {p['tokens']:,} | {p['peak_rss_mb']:.0f} ({p['rss_vs_1x']:.2f}) | "
+                     f"{p['peak_rss_anon_mb']:.0f} ({p['anon_vs_1x']:.2f}) | "
                      f"{p['prepare_s']:.1f} | {p['loop_s']:.1f} | {p['loop_MBps']:.0f} | {p['disk_write_MBps']:.0f} | "
                      f"**{p['loop_vs_disk']:.2f}** | {p['writer_MBps']:.0f} (**{p['writer_vs_disk']:.2f}**) | "
                      f"**{p['loop_vs_forward']:.2f}** | {p['checksum_s']:.1f} |")
-    n = r["nproc_precompute"]
+    n = r.get("nproc_precompute")
     lines += ["", f"Precompute x{n['size']}, 2 processes vs 1: loop {n['loop_s_2']:.1f} s vs {n['loop_s_1']:.1f} s "
-                  f"(**{n['loop_speedup']:.2f}x**), wall {n['wall_s_2']:.1f} s vs {n['wall_s_1']:.1f} s", "",
+                  f"(**{n['loop_speedup']:.2f}x**), wall {n['wall_s_2']:.1f} s vs {n['wall_s_1']:.1f} s" if n else "", "",
               "| reader (no model, page cache) | tok/s | memcpy-equivalent tok/s | ratio |", "|---|---|---|---|"]
     for key, v in r["reader"].items():
         if "memcpy_tok_s" in v:
@@ -395,19 +410,19 @@ def table(r: dict) -> str:
         else:
             lines.append(f"| {key[:-len('_2proc')]} (2 processes at once) | {v['tok_s_total'] / 1e6:.2f}M total "
                          f"({', '.join(f'{t / 1e6:.2f}M' for t in v['tok_s_per_process'])}) | | |")
-    c = r["cold"]
+    c = r.get("cold", {"file_GB": 0, "seq_read_MBps": 0, "tokens_read": 0})
     lines += ["", f"Cold cache ({c['file_GB']:.1f} GB file evicted from the page cache): sequential read "
                   f"{c['seq_read_MBps']:.0f} MB/s"]
     lines.append(f"(the reader read {c['tokens_read'] / 1e6:.1f}M tokens = a third of the train split, each byte "
                  f"once from the disk)")
-    for order in ("training_order", "storage_order"):
+    for order in [o for o in ("training_order", "storage_order") if o in c]:
         v = c[order]
         lines.append(f"- reader, {order.replace('_', ' ')}: {v['tok_s_total'] / 1e6:.2f}M tok/s = {v['MBps']:.0f} MB/s, "
                      f"**{v['vs_seq_read']:.2f}x** of the sequential read")
     lines += ["", "| corpus | reader RssAnon MB (batch 256, no model) | reader tok/s | training (20 steps + eval) "
                   "peak RssAnon MB | peak RSS MB |", "|---|---|---|---|---|"]
     for n, m in r["rss_anon"].items():
-        d = r["reader_rss_anon"][n]
+        d = r["reader_rss_anon"][n if n in r["reader_rss_anon"] else str(n)]
         lines.append(f"| x{n} | {d['rss_anon_mb']:.0f} | {d['tok_s_total'] / 1e6:.2f}M | {m['peak_rss_anon_mb']:.0f} | "
                      f"{m['peak_rss_mb']:.0f} |")
     lines += ["", "| head-only training, width 768 | tok/s | epoch s |", "|---|---|---|"]

@@ -44,8 +44,9 @@ def test_memmap_batches_equal_the_stored_arrays(tmp_path, tiny_model, small_csv)
     idx = [5, 0, 17, 3, 90, 3]  # any order, repeats allowed
     with h5py.File(path) as f:
         offsets, hidden, labels = f["train/offsets"][:], f["train/layer_0/hidden"][:], f["train/labels"][:]
-    for in_memory in (False, True):
+    for in_memory, from_disk in ((False, False), (True, False), (False, True)):
         ds = CachedSplit(path, "train", 0, in_memory=in_memory)
+        ds._from_disk = from_disk  # the path of a split larger than half the RAM: madvise the batch's rows first
         assert isinstance(ds._map(), np.ndarray) and (isinstance(ds._hidden, np.memmap) != in_memory)
         batch = ds.__getitems__(idx)
         x, mask = batch["inputs_embeds"], batch["attention_mask"]
