@@ -7,8 +7,6 @@ when the Config is built. Bad input exits with status 2 and a one-paragraph mess
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import sys
@@ -113,21 +111,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-def limit_heap_growth() -> None:
-    """A fixed glibc mmap threshold (1 MiB). By default glibc raises the threshold each time a large block is freed
-    (up to 32 MiB), after which blocks of slowly growing sizes (activations of batches sorted by length) stay in
-    the heap and pile up: an evaluation over 128k cached examples on CPU grew past 3.9 GB RssAnon by its 500th
-    batch (7.9 GB at its end), against a flat 0.53 GB with a fixed threshold; precompute's peak RssAnon at 1.28M
-    examples went from 1.29x to 1.15x of the 12.8k-example run (BENCHMARKS.md). Large blocks then go back to the
-    system when freed, at some cost in page faults."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    limit_heap_growth()
     try:
         if args.command == "export":
             from .export import export

@@ -299,18 +299,18 @@ def main():
                                                   res["precompute"][sizes[0]]["peak_rss_anon_mb"])
 
     if "nproc" in parts:
-        # --- 2 processes vs 1 for precompute, middle size
-        cdir2 = os.path.join(work, f"minilm-x{mid}-2proc")
-        if os.path.exists(cdir2):
-            for name in os.listdir(cdir2):
-                os.remove(os.path.join(cdir2, name))
-        _, _, wall2 = cli(work, "precompute", "--k", "0", "--dataset", make_corpus(work, mid), "--cache-dir", cdir2,
-                          *common, nproc=2)
-        s2 = stats(cache_file(cdir2))
-        one = res["precompute"][mid]
-        res["nproc_precompute"] = {"size": mid, "loop_s_1": one["loop_s"], "loop_s_2": s2["loop_seconds"],
-                                   "loop_speedup": one["loop_s"] / s2["loop_seconds"], "wall_s_1": one["wall_s"],
-                                   "wall_s_2": wall2}
+        # --- 2 processes vs 1 for precompute, middle size, one after the other in fresh cache folders
+        runs = {}
+        for nproc in (1, 2):
+            cdir = os.path.join(work, f"minilm-x{mid}-{nproc}proc")
+            shutil.rmtree(cdir, ignore_errors=True)
+            _, _, wall = cli(work, "precompute", "--k", "0", "--dataset", make_corpus(work, mid), "--cache-dir", cdir,
+                             *common, nproc=nproc)
+            runs[nproc] = (stats(cache_file(cdir))["loop_seconds"], wall)
+            shutil.rmtree(cdir, ignore_errors=True)
+        res["nproc_precompute"] = {"size": mid, "loop_s_1": runs[1][0], "loop_s_2": runs[2][0],
+                                   "loop_speedup": runs[1][0] / runs[2][0], "wall_s_1": runs[1][1],
+                                   "wall_s_2": runs[2][1]}
         print(f"nproc: {json.dumps(res['nproc_precompute'])}", flush=True)
 
     if "reader" in parts:
