@@ -262,6 +262,10 @@ def main():
     mid = sizes[min(1, len(sizes) - 1)]
     work, out_dir = args.work, args.out or args.work
     os.makedirs(work, exist_ok=True)
+    wide = make_wide_model(work)
+    wdir = os.path.join(work, f"bert768-x{args.wide_size}")
+    wdata = make_corpus(work, args.wide_size)
+    import h5py
     import psutil
 
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -315,9 +319,6 @@ def main():
 
     if "reader" in parts:
         # --- width 768 cache (1-layer BERT, --k 1 = head only), then the reader from the page cache
-        wide = make_wide_model(work)
-        wdir = os.path.join(work, f"bert768-x{args.wide_size}")
-        wdata = make_corpus(work, args.wide_size)
         cli(work, "precompute", "--model", wide, "--k", "1", "--dataset", wdata, "--cache-dir", wdir, *common)
         caches = {384: (cache_file(os.path.join(work, f"minilm-x{mid}")), 0), 768: (cache_file(wdir), 1)}
         for hidden, (path, depth) in caches.items():
