@@ -13,6 +13,7 @@ from sklearn.model_selection import train_test_split
 
 from .config import Config
 from .errors import PipelineError, first_line, offline_reason
+from .memory import release_heap
 
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
@@ -189,7 +190,7 @@ def _fingerprint(ds: datasets.Dataset, cfg: Config, labels: np.ndarray, names) -
     cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     for _, batch in _batches(ds, *cols):
         h.update(json.dumps([batch[c] for c in cols], ensure_ascii=False).encode())
-    h.update(np.ascontiguousarray(labels).tobytes())
+    h.update(np.ascontiguousarray(labels))
     h.update(json.dumps(names).encode())
     return h.hexdigest()
 
@@ -222,6 +223,7 @@ def load_labeled(cfg: Config) -> LabeledData:
     _check_texts(ds, cfg.text_column)
     if cfg.text_pair_column:
         _check_texts(ds, cfg.text_pair_column)
+    release_heap()  # the batched passes' Python strings, before the split's transient arrays
     labels, names = _read_labels(ds, cfg)
     names = _check_label_range(labels, names, cfg)
     if names is not None and len(names) < 2:

@@ -38,6 +38,7 @@ from .data import load_labeled
 from .dist import process_state, share
 from .errors import PipelineError
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
+from .memory import release_heap
 from .model import (frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer, safetensors_files,
                     tokenizer_sha256)
 
@@ -135,6 +136,7 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
     deepest = replace(cfg, k=max(depths))
     _, mconf = load_model_config(deepest)  # fails fast: unknown model, unsupported architecture, depth > L
     data = load_labeled(cfg)
+    release_heap()  # the batched passes' Python strings
     tokenizer = load_tokenizer(cfg)
     # non-safetensors checkpoints (Hub ids, .bin) are hashed from the loaded model; local safetensors from the file
     bottom = None if safetensors_files(deepest) else load_bottom(deepest)
@@ -152,6 +154,7 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
     tmp = out + ".tmp"
     if not (os.path.exists(tmp) and _resumable(tmp, identity)):
         plan, tokens, truncated = _plan(data, tokenizer, cfg)
+        release_heap()
         n_total = sum(len(p.rows) for p in plan.values())
         if truncated:
             print(f"data: {truncated} of {n_total} examples are longer than max_length={cfg.max_length} tokens and "
@@ -295,7 +298,7 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
         g["offsets"] = p.offsets
         g["lengths"] = p.lengths
         g["labels"] = data.labels[p.rows]
-        g["example_ids"] = p.rows.astype(np.int64)
+        g["example_ids"] = p.rows  # int64 already
         total = int(p.offsets[-1])
         flat = {c: _contiguous(g, c, (total,), id_dtype if c == "input_ids" else np.int8) for c in columns}
         for lo in range(0, len(p.rows), _ROWS_PER_WRITE):  # token ids in storage order, a block of rows at a time
@@ -303,6 +306,8 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
             s, e = int(p.offsets[lo]), int(p.offsets[min(lo + _ROWS_PER_WRITE, len(p.rows))])
             for c in columns:
                 flat[c][s:e] = block.column(c).combine_chunks().flatten().to_numpy().astype(flat[c].dtype)
+            del block
+            release_heap()
         for d in cfg.cache_depths():
             _contiguous(g, f"layer_{d}/hidden", (total, mconf.hidden_size), np.dtype(cfg.cache_dtype))
     n_batches = sum(-(-len(p.rows) // cfg.precompute_batch_size) for p in plan.values())

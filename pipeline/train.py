@@ -1,7 +1,6 @@
 """Fine-tune the top encoder layers + head on cached hidden states with an explicit Accelerate loop."""
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from .config import Config
 from .dist import process_state, share
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
+from .memory import release_heap
 from .model import LAYER_KEY, carry_over, load_top
 
 
@@ -70,15 +70,6 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
     optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd}
                                    for (scale, wd), ps in sorted(groups.items(), reverse=True)], lr=cfg.lr)
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-
-
-def release_heap() -> None:
-    """Give the allocator's free pages back to the system (glibc malloc_trim). Batches of slowly growing shapes
-    (storage order is sorted by length) leave freed blocks that the next, larger one cannot reuse, and glibc keeps
-    them: an evaluation over 128k cached examples on CPU grew past 3.9 GB RssAnon by its 500th batch without this
-    (BENCHMARKS.md). Called every LOG_EVERY batches; a no-op where there is no glibc."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def evaluate(model, loader, accelerator, task) -> dict:
@@ -368,11 +359,6 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
 
 
 LOG_EVERY = 50  # batches between reads of the running loss and token count (each read is a host sync)
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim  # glibc only
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 class _Totals:
