@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+
+
+PREPARE_TIMEOUT = timedelta(hours=6)
 
 
 def launched_processes() -> int:
@@ -16,7 +20,9 @@ def process_state(cpu: bool) -> PartialState:
     """The process group of a torchrun/accelerate launch (or a single process). On a machine without CUDA,
     Accelerate only picks its gloo CPU backend when told cpu=True; otherwise every process would run alone."""
     multi_cpu = launched_processes() > 1 and not torch.cuda.is_available()
-    return PartialState(cpu=cpu or multi_cpu)
+    # the other processes wait in a collective while the main one prepares a precompute (loading, tokenising and
+    # laying out millions of examples can outlast the default 30-minute timeout)
+    return PartialState(cpu=cpu or multi_cpu, timeout=PREPARE_TIMEOUT)
 
 
 def share(state: PartialState, obj=None):
