@@ -42,7 +42,6 @@ from .config import Config
 from .errors import PipelineError
 
 FORMAT_VERSION = 3
-RDCC_NBYTES = 64 << 20  # HDF5 chunk cache per open file (default is 1 MiB); harmless for contiguous arrays
 SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
 
 
@@ -307,24 +306,21 @@ class CachedSplit(torch.utils.data.Dataset):
             self.lengths = g["lengths"][:]
             self.labels = g["labels"][:]
             self.example_ids = g["example_ids"][:]
-            self.hidden_size = f[self.key].shape[1]
-            f_dtype_size = f[self.key].dtype.itemsize
+            self.hidden_size, self.dtype = f[self.key].shape[1], f[self.key].dtype
             map_array(path, f[self.key])  # fails now, with the fix, if the array cannot be mapped
         self._hidden, self._ring, self._next = None, None, 0
         self.reuse_buffers = reuse_buffers
         # a split larger than half the RAM will not stay in the page cache: batches come from the disk, so each
         # batch's reads are issued together (_prefetch)
-        split_bytes = int(self.offsets[-1]) * self.hidden_size * f_dtype_size
+        split_bytes = int(self.offsets[-1]) * self.hidden_size * self.dtype.itemsize
         self._from_disk = split_bytes > 0.5 * psutil.virtual_memory().total
         if in_memory:
-            need = int(self.offsets[-1]) * self.hidden_size * np.dtype(self._map().dtype).itemsize
             available = psutil.virtual_memory().available
-            if need > 0.5 * available:
-                print(f"cache: {split} states need {need / 2**30:.1f} GiB, more than half the available memory "
-                      f"({available / 2**30:.1f} GiB); memory-mapping {path} instead of copying it into RAM")
-                self._hidden = None
+            if split_bytes > 0.5 * available:
+                print(f"cache: {split} states need {split_bytes / 2**30:.1f} GiB, more than half the available "
+                      f"memory ({available / 2**30:.1f} GiB); memory-mapping {path} instead of copying it into RAM")
             else:
-                self._hidden = np.array(self._hidden)
+                self._hidden = np.array(self._map())
 
     def __len__(self):
         return len(self.lengths)
@@ -337,14 +333,13 @@ class CachedSplit(torch.utils.data.Dataset):
 
     def _buffer(self, rows: int) -> np.ndarray:
         """[rows, H] to gather into: fresh, or the next slot of the ring (grown when a batch is larger)."""
-        dtype = self._map().dtype
         if not self.reuse_buffers or torch.utils.data.get_worker_info() is not None:
-            return np.empty((rows, self.hidden_size), dtype)
+            return np.empty((rows, self.hidden_size), self.dtype)
         if self._ring is None:
-            self._ring = [np.empty((0, self.hidden_size), dtype)] * self.RING
+            self._ring = [np.empty((0, self.hidden_size), self.dtype)] * self.RING
         slot = self._next = (self._next + 1) % self.RING
         if self._ring[slot].shape[0] < rows:
-            self._ring[slot] = np.empty((rows, self.hidden_size), dtype)
+            self._ring[slot] = np.empty((rows, self.hidden_size), self.dtype)
         return self._ring[slot][:rows]
 
     def _prefetch(self, idx: np.ndarray, lengths: np.ndarray) -> None:

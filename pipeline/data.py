@@ -127,10 +127,11 @@ def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | 
         missing += rows[:5 - len(missing)]
         if n_missing:
             continue
-        kinds |= {type(v) for v in values}
+        batch_kinds = {type(v) for v in values}
+        kinds |= batch_kinds
         if cfg.task == "regression" or isinstance(feature, datasets.ClassLabel):
             parts.append(values)
-        elif {type(v) for v in values} <= {str}:
+        elif batch_kinds <= {str}:
             names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
             parts.append((names, inverse.astype(np.int32)))
         else:

@@ -83,10 +83,10 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
     out = cfg.cache_path()
     state = process_state(cfg.cpu)
     if not state.is_main_process:  # the main process checks and lays out; the others compute their batches
-        status = share(state)
-        if status != "go":
-            raise SystemExit(2 if status == "error" else 0)
-        _loop(share(state), cfg, state, device)
+        job = share(state)  # the main process's Job, None (up to date) or "error" (it failed and says why)
+        if not isinstance(job, Job):
+            raise SystemExit(2 if job == "error" else 0)
+        _loop(job, cfg, state, device)
         state.wait_for_everyone()
         return out
     ensure_writable_dir(os.path.dirname(out), "cache folder", "--cache-dir")
@@ -96,10 +96,9 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
         except BaseException:
             share(state, "error")
             raise
-        share(state, "go" if job else "done")
+        share(state, job)
         if job is None:
             return out
-        share(state, job)
         try:
             t0 = time.perf_counter()
             job.totals["loop_seconds"] = _loop(job, cfg, state, device)  # this process: forward + writes + commits
@@ -168,8 +167,9 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
             raise PipelineError(f"cannot write the cache layout to {tmp}: {e}. Free disk space or choose another "
                                 f"--cache-dir.") from None
     with h5py.File(tmp, "r") as f:
-        sizes = [int(f[s]["lengths"].shape[0]) for s in json.loads(f.attrs["splits_json"])]
-        n_tokens = sum(int(f[s]["offsets"][-1]) for s in json.loads(f.attrs["splits_json"]))
+        splits = json.loads(f.attrs["splits_json"])
+        sizes = [int(f[s]["lengths"].shape[0]) for s in splits]
+        n_tokens = sum(int(f[s]["offsets"][-1]) for s in splits)
         skipped, truncated = int(f["progress"][:].sum()), int(f.attrs["truncated_examples"])
     n_total = sum(sizes)
     if skipped:
