@@ -1,8 +1,10 @@
 # make precompute && make train   -- the main job (default: packaged MiniLM + Rotten Tomatoes, 4 of 6 layers frozen)
-# make test                       -- the test suite (.ci/run calls exactly this)
+# make test                       -- the test suite (.ci/run calls exactly this); make test-fast: unit tests, < 1 min
+# make evaluate RUN=cache/runs/<name>  -- score a finished run on the test split (ARGS="--dataset test.tsv": a file)
 # Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README),
 #          DEPTHS=2,4 (cache several depths in one pass; train picks one with ARGS="--k 2"),
-#          NPROC=N (precompute / train with N processes through torchrun: one per GPU, or CPU processes)
+#          NPROC=N (precompute / train with N processes through torchrun: one per GPU, or CPU processes),
+#          JOBS=N (sweep: N runs at once, each in its own process)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,11 +17,13 @@ DEPTHS ?=
 SWEEP ?= sweeps/default.json
 RUN ?=
 NPROC ?= 1
+JOBS ?= 1
 D := $(if $(DEPTHS),--depths $(DEPTHS))
 # N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train verify check sweep export predict bench bench-scale test clean-cache
+.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale test test-fast \
+	clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
 # torch==2.13.0 first so the local CPU wheel is used; pyproject keeps an open torch range for GPU users.
@@ -44,6 +48,10 @@ precompute: $(STAMP) $(DATA)
 train: $(STAMP) $(DATA)
 	$(LAUNCH) -m pipeline train --preset $(PRESET) $(D) $(ARGS)
 
+# RUN=cache/runs/<name>: test split of the cache (ARGS="--split validation", or "--dataset FILE" for a labeled file)
+evaluate: $(STAMP)
+	$(PY) -m pipeline evaluate --run $(RUN) $(ARGS)
+
 verify: $(STAMP) $(DATA)
 	$(PY) -m pipeline verify --preset $(PRESET) $(D) $(ARGS)
 
@@ -51,9 +59,10 @@ verify: $(STAMP) $(DATA)
 check: $(STAMP)
 	$(PY) -m pipeline check --preset $(PRESET) $(D) $(ARGS)
 
-# A grid of runs from one cache (precomputed first if missing): results table + plot in cache/runs/<name>/
+# A grid of runs from one cache (precomputed first if missing): results table + plot in cache/runs/<name>/;
+# JOBS=N runs N at once in separate processes (one GPU each, or a share of the CPU cores)
 sweep: $(STAMP) $(DATA)
-	$(PY) -m pipeline sweep --preset $(PRESET) --grid $(SWEEP) $(ARGS)
+	$(PY) -m pipeline sweep --preset $(PRESET) --grid $(SWEEP) --jobs $(JOBS) $(ARGS)
 
 # RUN=cache/runs/<name>: one Hugging Face folder (frozen bottom + trained top) in <run>/export
 export: $(STAMP)
@@ -76,6 +85,10 @@ bench-scale: $(STAMP) $(DATA)
 
 test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q tests
+
+# pure unit tests (pytest -m fast): config, labels, splits, formats, grids, carry-over, state, metrics
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m fast tests
 
 clean-cache:
 	rm -f cache/*.h5 cache/*.h5.tmp cache/*.h5.lock

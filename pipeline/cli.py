@@ -1,6 +1,7 @@
 """Command line: python -m pipeline {precompute,train,verify,check,sweep} [--preset NAME] [--config FILE] [--<option> V]
+              python -m pipeline evaluate --run RUN_DIR [--split test|validation] [--dataset FILE]
               python -m pipeline export --run RUN_DIR [--out DIR]
-              python -m pipeline predict --model-dir DIR [TEXT ...] [--file F]
+              python -m pipeline predict --model-dir DIR [TEXT ...] [--text-pair P ...] [--file F]
 
 Every Config field is an option (`--lr 1e-4`, `--k 3`, `--text-pair-column hypothesis`); values are validated once
 when the Config is built. Bad input exits with status 2 and a one-paragraph message, never a library traceback."""
@@ -13,7 +14,7 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 
-from .config import PRESETS, Config, make_config
+from .config import PRESETS, Config, literal_choices, make_config
 from .errors import PipelineError
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
         if name == "sweep":
             p.add_argument("--grid", required=True, help="JSON grid file (see sweeps/default.json)")
+            p.add_argument("--jobs", type=int, default=1, metavar="N",
+                           help="runs at once, each in its own process (one GPU each, or a share of the CPU cores)")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue the run --run-name from its last checkpoint (same config required)")
@@ -67,22 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
         opts = p.add_argument_group("config options (defaults come from the preset)")
         if name == "sweep":
             opts.title = "config options shared by every run (the grid file's base and grid values override them)"
-        for f in fields(Config):
-            if f.name == "preset":
-                continue
-            default = f.default if f.default is not MISSING else None
-            opts.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_TYPES[str(f.type)],
-                              default=argparse.SUPPRESS, metavar=str(f.type).upper().replace("OPTIONAL[STR]", "STR"),
-                              help=f"{f.metadata.get('help', '')} (default: {default})")
+        _config_options(opts, [f.name for f in fields(Config) if f.name != "preset"])
+    p = sub.add_parser("evaluate", help="score a finished run on a cached split (test by default) or on a labeled "
+                                        "file, with bootstrap 95%% confidence intervals")
+    p.add_argument("--run", required=True, help="run directory (cache/runs/<name>)")
+    p.add_argument("--split", default="test", help="cached split to score: test (default) or validation")
+    p.add_argument("--dataset", help="score this labeled file instead (through the frozen bottom + the top); the "
+                                     "column options default to the run's")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    _config_options(p.add_argument_group("options for --dataset (default: the run's)"), EVAL_DATA_OPTIONS)
     p = sub.add_parser("export", help="merge the frozen bottom and a run's trained top into one Hugging Face folder")
     p.add_argument("--run", required=True, help="run directory (cache/runs/<name>)")
     p.add_argument("--out", help="output folder (default: <run>/export)")
     p = sub.add_parser("predict", help="classify raw texts with an exported folder or a run directory")
     p.add_argument("--model-dir", required=True, help="exported model folder, or a run directory")
     p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else one per line on stdin)")
-    p.add_argument("--file", help="a text file, one text per line")
+    p.add_argument("--text-pair", action="append", metavar="TEXT",
+                   help="the second text of a pair, once per text (pair models: NLI, paraphrase)")
+    p.add_argument("--file", help="a text file: one text per line, or text<TAB>pair per line")
     p.add_argument("--batch-size", type=int, default=32)
     return parser
+
+
+EVAL_DATA_OPTIONS = ["dataset_format", "text_column", "text_pair_column", "label_column", "exclude_labels"]
+
+
+def _config_options(group, names: list) -> None:
+    """One --option per Config field: its type, its Literal choices, its help and default."""
+    by_name, choices = {f.name: f for f in fields(Config)}, literal_choices()
+    for name in names:
+        f = by_name[name]
+        default = f.default if f.default is not MISSING else None
+        kind = "str" if name in choices else str(f.type)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=_TYPES[kind], choices=choices.get(name),
+                           default=argparse.SUPPRESS, metavar=None if name in choices else kind.upper().replace(
+                               "OPTIONAL[STR]", "STR"), help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -123,9 +146,19 @@ def main(argv=None) -> None:
         if args.command == "predict":
             from .export import predict, read_texts
 
-            texts = read_texts(args.texts, args.file)
-            for text, (label, score) in zip(texts, predict(args.model_dir, texts, args.batch_size)):
-                print(f"{label}\t{score:.4f}\t{text}")
+            texts, pairs = read_texts(args.texts, args.file, args.text_pair)
+            for i, result in enumerate(predict(args.model_dir, texts, pairs, args.batch_size)):
+                shown = texts[i] if pairs is None else f"{texts[i]}\t{pairs[i]}"
+                print("\t".join(f"{v:.4f}" if isinstance(v, float) else v for v in result) + f"\t{shown}")
+            return
+        if args.command == "evaluate":
+            from .evaluate import evaluate_run
+
+            overrides = {n: getattr(args, n) for n in EVAL_DATA_OPTIONS if hasattr(args, n)}
+            if overrides and not args.dataset:
+                raise PipelineError(f"--{', --'.join(n.replace('_', '-') for n in overrides)} only apply with "
+                                    f"--dataset FILE.")
+            evaluate_run(args.run, args.split, args.dataset, overrides, args.resamples, args.batch_size)
             return
         cfg = config_from_args(args)
         if args.command == "precompute":
@@ -139,7 +172,9 @@ def main(argv=None) -> None:
         elif args.command == "sweep":
             from .sweep import sweep
 
-            sweep(cfg, args.grid)
+            if args.jobs < 1:
+                raise PipelineError(f"--jobs {args.jobs}: give 1 or more runs at once.")
+            sweep(cfg, args.grid, args.jobs)
         elif args.command == "verify":
             from .verify import verify
 

@@ -5,8 +5,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Literal, Optional, get_args, get_type_hints
 
 from .errors import PipelineError
 
@@ -32,7 +33,10 @@ class Config:
     attn_implementation: Optional[str] = opt(None, "attention kernel (None = transformers default, sdpa; or eager)")
     trust_remote_code: bool = opt(False, "allow model code from the model folder/Hub (off unless you ask)")
     # --- data ---
-    dataset: str = opt(DEFAULT_DATA, "local csv/tsv/json/jsonl/parquet (.bz2/.gz ok), local folder, or Hub name")
+    dataset: str = opt(DEFAULT_DATA, "local csv/tsv/txt/json/jsonl/parquet (.bz2/.gz ok), local folder, or Hub name")
+    dataset_format: Literal["auto", "csv", "tsv", "json", "parquet"] = opt(
+        "auto", "format of a local file: auto = from the extension, else sniffed (.txt, unknown: comma or tab "
+                "separated, JSON lines, parquet)")
     dataset_config: Optional[str] = opt(None, "Hub dataset configuration name")
     split: str = opt("train", "split to load, slicing allowed: train[:10000]")
     text_column: str = opt("text", "column with the text")
@@ -40,16 +44,17 @@ class Config:
     label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression")
     exclude_labels: Optional[str] = opt("plot", "comma-separated label values whose rows are dropped first")
     num_labels: int = opt(0, "classes of the head (0 = as many as the data has); labels must lie in 0..num_labels-1")
-    empty_texts: str = opt("drop", "rows whose text is empty or whitespace only: drop (with a count) | error")
+    empty_texts: Literal["drop", "error"] = opt("drop", "rows whose text is empty or whitespace only: drop (with a "
+                                                        "count) | error")
     max_examples: int = opt(0, "if > 0, a fixed-seed random subset of this many rows (after exclude_labels)")
-    task: str = opt("classification", "classification | regression (num_labels=1, MSE loss)")
+    task: Literal["classification", "regression"] = opt("classification", "classification | regression (num_labels=1, MSE loss)")
     val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
     test_fraction: float = opt(0.1, "test share kept aside, never used for training or model selection")
     split_seed: int = opt(42, "seed of the train/validation/test split")
     max_length: int = opt(128, "tokenizer truncation length")
     # --- cache ---
     cache_dir: str = opt("cache", "where cache files go")
-    cache_dtype: str = opt("float16", "storage dtype of hidden states: float16 | float32")
+    cache_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of hidden states: float16 | float32")
     precompute_batch_size: int = opt(64, "examples per bottom forward during precompute")
     commit_seconds: float = opt(5.0, "precompute commits written rows (fsync + /progress) at most this many seconds "
                                      "apart; a kill loses at most that much work (0 = after every batch)")
@@ -65,7 +70,7 @@ class Config:
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
-    mixed_precision: str = opt("no", "no | fp16 | bf16 (Accelerate autocast)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "no | fp16 | bf16 (Accelerate autocast)")
     seed: int = opt(42, "seed of head init, shuffling and dropout")
     num_workers: int = opt(0, "DataLoader worker processes (each maps the cache file itself)")
     in_memory: bool = opt(False, "copy each cached split into this process's RAM instead of memory-mapping the file "
@@ -80,6 +85,14 @@ class Config:
     run_name: Optional[str] = opt(None, "run directory name (default: a timestamp); --resume continues it")
     checkpoint_every: int = opt(200, "save a resumable checkpoint every N optimizer steps (and at each epoch end); "
                                      "0 = epoch ends only, -1 = never")
+    metric_for_best: Literal["auto", "accuracy", "f1", "loss", "mse", "pearson"] = opt(
+        "auto", "validation metric that picks the run's result (top.safetensors = the best evaluation); auto = "
+                "accuracy (classification) or mse (regression); loss and mse: lower is better")
+    early_stopping_patience: int = opt(0, "stop after this many evaluations in a row without a better "
+                                          "--metric-for-best (0 = never stop early)")
+    eval_every: int = opt(0, "evaluate every N optimizer steps (and at the end of each stage) instead of at epoch "
+                             "ends (0 = epoch ends)")
+    save_last: bool = opt(False, "also keep the last weights as top_last.safetensors (top.safetensors is the best)")
     cpu: bool = opt(False, "force CPU even when a GPU is present")
     preset: str = opt("default", "preset the other defaults came from (set by --preset)")
 
@@ -87,12 +100,9 @@ class Config:
         problems = []
         if not (self.k >= 0):
             problems.append(f"k={self.k} must be >= 0 (number of frozen encoder layers)")
-        if self.task not in ("classification", "regression"):
-            problems.append(f"task={self.task!r} must be 'classification' or 'regression'")
-        if self.cache_dtype not in ("float16", "float32"):
-            problems.append(f"cache_dtype={self.cache_dtype!r} must be 'float16' or 'float32'")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append(f"mixed_precision={self.mixed_precision!r} must be one of no, fp16, bf16")
+        for name, choices in literal_choices().items():
+            if getattr(self, name) not in choices:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
         if not (0 < self.val_fraction < 1):
             problems.append(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if not (0 <= self.test_fraction < 1) or self.val_fraction + self.test_fraction >= 1:
@@ -106,8 +116,6 @@ class Config:
             problems.append(f"lr={self.lr} must be > 0")
         if not (0 <= self.warmup_ratio < 1):
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.empty_texts not in ("drop", "error"):
-            problems.append(f"empty_texts={self.empty_texts!r} must be 'drop' or 'error'")
         if self.num_labels < 0 or (self.task == "regression" and self.num_labels > 1):
             problems.append(f"num_labels={self.num_labels} must be >= 0 (0 = from the data; 1 for regression)")
         if self.max_examples < 0:
@@ -130,12 +138,27 @@ class Config:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
         if self.commit_seconds < 0 or self.commit_mb < 1:
             problems.append(f"commit_seconds={self.commit_seconds} must be >= 0 and commit_mb={self.commit_mb} >= 1")
+        best = self.metric_for_best
+        if best in ("accuracy", "f1") and self.task == "regression" or best in ("mse", "pearson") and \
+                self.task == "classification":
+            problems.append(f"metric_for_best={best!r} does not apply to task={self.task!r} (classification: "
+                            f"accuracy, f1, loss; regression: mse, pearson, loss)")
+        if self.early_stopping_patience < 0 or self.eval_every < 0:
+            problems.append(f"early_stopping_patience={self.early_stopping_patience} and eval_every="
+                            f"{self.eval_every} must be >= 0")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if not self.text_column or not self.label_column:
             problems.append("text_column and label_column must be non-empty")
         if problems:
             raise PipelineError("invalid config:\n  " + "\n  ".join(problems))
+
+    def best_metric(self) -> tuple[str, bool]:
+        """(validation metric that picks the best evaluation, True if higher is better)."""
+        name = self.metric_for_best
+        if name == "auto":
+            name = "accuracy" if self.task == "classification" else "mse"
+        return name, name not in ("loss", "mse")
 
     @staticmethod
     def _ints(text: str) -> list:
@@ -152,7 +175,7 @@ class Config:
     # Fields that determine the cache contents (plus cache_depths()); a cache is valid for a config iff these match.
     CACHE_FIELDS = (
         "model", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
-        "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task",
+        "dataset_format", "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task",
         "val_fraction",
         "test_fraction", "split_seed", "max_length", "cache_dtype",
     )
@@ -169,7 +192,18 @@ class Config:
     def cache_path(self) -> str:
         digest = hashlib.sha256(json.dumps(self.cache_key(), sort_keys=True).encode()).hexdigest()[:10]
         depths = "_".join(map(str, self.cache_depths()))
-        return os.path.join(self.cache_dir, f"{self.preset}-k{depths}-{self.cache_dtype}-{digest}.h5")
+        return os.path.join(self.cache_dir, f"{self.data_name()}-k{depths}-{self.cache_dtype}-{digest}.h5")
+
+    def data_name(self) -> str:
+        """Short name of the data in file names: the preset's name for its own dataset, else the dataset's stem
+        (`reviews` for data/reviews.tsv.gz, `glue-mrpc` for the Hub's glue/mrpc)."""
+        if self.dataset == PRESETS.get(self.preset, {}).get("dataset", DEFAULT_DATA):
+            return self.preset
+        name = os.path.basename(self.dataset.rstrip("/\\")) if os.path.exists(self.dataset) else self.dataset
+        for ext in (".bz2", ".gz", ".xz", ".zst"):
+            name = name[: -len(ext)] if name.endswith(ext) else name
+        name = os.path.splitext(name)[0] if os.path.exists(self.dataset) else name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "data"
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -178,6 +212,13 @@ class Config:
         if unknown:
             raise PipelineError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+
+def literal_choices() -> dict:
+    """{field name: allowed values} of the config's Literal fields (validation and argparse choices)."""
+    hints = get_type_hints(Config)
+    return {f.name: get_args(hints[f.name]) for f in fields(Config)
+            if getattr(hints[f.name], "__origin__", None) is Literal}
 
 
 PRESETS = {

@@ -1,8 +1,12 @@
 """Load a labeled text dataset (local file/folder or Hugging Face Hub), check it, map labels, split it."""
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 from dataclasses import dataclass
@@ -15,29 +19,69 @@ from .config import Config
 from .errors import PipelineError, first_line, offline_reason
 from .memory import release_heap
 
-_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_COMPRESSION = {".bz2": "bz2", ".gz": "gzip", ".xz": "lzma"}
+_OPEN = {"bz2": bz2.open, "gzip": gzip.open, "lzma": lzma.open}
 
 
-def _file_builder(path: str):
-    base = path
-    for ext in _COMPRESSION:
-        if base.endswith(ext):
-            base = base[: -len(ext)]
-    return _BUILDERS.get(os.path.splitext(base)[1].lower())
+def _strip_compression(path: str) -> tuple[str, str | None]:
+    for ext, module in _COMPRESSION.items():
+        if path.endswith(ext):
+            return path[: -len(ext)], module
+    return path, None
+
+
+def file_format(cfg: Config) -> str | None:
+    """csv | tsv | json | parquet for a local file (--dataset-format, else the extension, else sniffed from its
+    first bytes); None for a folder or a Hub name."""
+    path = cfg.dataset
+    if cfg.dataset_format != "auto":
+        return cfg.dataset_format
+    base, _ = _strip_compression(path)
+    fmt = _FORMATS.get(os.path.splitext(base)[1].lower())
+    if fmt is None and os.path.isfile(path):
+        fmt = _sniff(path)
+    return fmt
+
+
+def _sniff(path: str) -> str:
+    """The format of a file with a .txt or unknown extension: parquet by its magic bytes, JSON (lines) by a leading
+    { or [, else tab- or comma-separated by its header line."""
+    _, compression = _strip_compression(path)
+    try:
+        with (_OPEN[compression] if compression else open)(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except (OSError, EOFError) as e:
+        raise PipelineError(f"cannot read dataset {path!r}: {e}") from None
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \r\n\t")
+    if text.startswith(("{", "[")):
+        return "json"
+    header = text.split("\n", 1)[0]
+    if "\t" in header:
+        return "tsv"
+    if "," in header:
+        return "csv"
+    raise PipelineError(
+        f"cannot tell the format of dataset file {path!r}: its first line {header[:80]!r} is neither tab- nor "
+        f"comma-separated with a header, nor JSON lines, nor parquet. Pass --dataset-format csv|tsv|json|parquet "
+        f"(csv and tsv need a header line naming the columns).")
 
 
 def load_source(cfg: Config) -> datasets.Dataset:
     """The split `cfg.split` (slicing allowed, e.g. "train[:10000]") of a local file, local folder or Hub dataset."""
     path = cfg.dataset
-    builder = _file_builder(path)
-    if builder and not os.path.isfile(path):
+    fmt = file_format(cfg)
+    if fmt and not os.path.isfile(path):
         hint = " Run `make data` to fetch the default corpus." if path.endswith("rotten_tomatoes_corpus_full.csv.bz2") else ""
         raise PipelineError(f"dataset file {path!r} does not exist.{hint}")
     try:
-        if builder:
-            kwargs = {"delimiter": "\t"} if path.endswith((".tsv", ".tsv.bz2", ".tsv.gz")) else {}
-            ds = datasets.load_dataset(builder, data_files=path, split=cfg.split, **kwargs)
+        if fmt == "tsv":  # tab-separated text (GLUE style): quotes are part of the text, never field delimiters
+            ds = datasets.load_dataset("csv", data_files=path, split=cfg.split, delimiter="\t",
+                                       quoting=csv.QUOTE_NONE)
+        elif fmt:
+            ds = datasets.load_dataset(fmt, data_files=path, split=cfg.split)
         else:
             ds = datasets.load_dataset(path, cfg.dataset_config, split=cfg.split)
     except ValueError as e:  # bad split name / slicing
@@ -48,7 +92,9 @@ def load_source(cfg: Config) -> datasets.Dataset:
     except Exception as e:
         first = first_line(e)
         if os.path.exists(path):
-            raise PipelineError(f"cannot read dataset {path!r}: {first}") from None
+            how = f"as {fmt}" if fmt else "as a folder of data files"
+            raise PipelineError(f"cannot read dataset {path!r} {how}: {first}. If that is the wrong format, pass "
+                                f"--dataset-format csv|tsv|json|parquet.") from None
         offline = offline_reason(e)
         if offline:
             raise PipelineError(
@@ -199,6 +245,34 @@ def _fingerprint(ds: datasets.Dataset, cfg: Config, labels: np.ndarray, names) -
 def load_labeled(cfg: Config) -> LabeledData:
     """Load, clean, label and split the data. Memory: the rows stay in Arrow (on disk, memory-mapped); this holds
     a few numbers per example (labels, split indices) and one batch of Python values at a time."""
+    ds = _clean(cfg)
+    labels, names = _read_labels(ds, cfg)
+    names = _check_label_range(labels, names, cfg)
+    if names is not None and len(names) < 2:
+        raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
+    splits = split_indices(labels, cfg)
+    return LabeledData(ds, cfg.text_column, cfg.text_pair_column, labels, names, splits,
+                       _fingerprint(ds, cfg, labels, names))
+
+
+def load_for_eval(cfg: Config, label_names: list | None) -> tuple[datasets.Dataset, np.ndarray]:
+    """Every row of an external labeled file (an official test set), cleaned like training data, with its labels
+    mapped onto the run's classes by name."""
+    ds = _clean(cfg)
+    labels, names = _read_labels(ds, cfg)
+    if label_names is None:  # regression
+        return ds, labels
+    index = {n: i for i, n in enumerate(label_names)}
+    unknown = sorted(set(names[i] for i in np.unique(labels)) - set(index))
+    if unknown:
+        raise PipelineError(f"labels {unknown[:10]} in {cfg.label_column!r} of {cfg.dataset!r} are not classes of "
+                            f"the run ({', '.join(label_names)}); use the run's label names (or drop those rows "
+                            f"with --exclude-labels).")
+    return ds, np.asarray([index[n] for n in names], dtype=np.int64)[labels]
+
+
+def _clean(cfg: Config) -> datasets.Dataset:
+    """The needed columns of the source, with excluded labels, empty texts and non-texts dealt with."""
     ds = load_source(cfg)
     needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     missing = [c for c in needed if c not in ds.column_names]
@@ -225,13 +299,7 @@ def load_labeled(cfg: Config) -> LabeledData:
     if cfg.text_pair_column:
         _check_texts(ds, cfg.text_pair_column)
     release_heap()  # the batched passes' Python strings, before the split's transient arrays
-    labels, names = _read_labels(ds, cfg)
-    names = _check_label_range(labels, names, cfg)
-    if names is not None and len(names) < 2:
-        raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
-    splits = split_indices(labels, cfg)
-    return LabeledData(ds, cfg.text_column, cfg.text_pair_column, labels, names, splits,
-                       _fingerprint(ds, cfg, labels, names))
+    return ds
 
 
 def _drop_empty_texts(ds: datasets.Dataset, cfg: Config) -> datasets.Dataset:

@@ -42,22 +42,22 @@ def fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def exclusive_lock(lock_path: str, what: str, timeout: float | None = None):
     """Hold an exclusive flock on `lock_path` while the block runs. The kernel drops it when the holder exits in any
-    way (SIGKILL included), so a crashed holder never blocks anyone; the file itself only names the last holder.
+    way (SIGKILL included), so a crashed holder never blocks anyone; the file itself only names the holder and is
+    removed on release (a SIGKILLed holder leaves it behind, harmless: the next holder takes it over).
     timeout=None waits as long as it takes, 0 fails at once; waiting is announced with the holder's pid."""
     if fcntl is None:
         yield
         return
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise PipelineError(f"cannot lock {lock_path} ({e.strerror}).") from None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    announced = False
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise PipelineError(f"cannot lock {lock_path} ({e.strerror}).") from None
             holder = _read_holder(lock_path)
             if deadline is not None and time.monotonic() >= deadline:
                 raise PipelineError(
@@ -68,12 +68,27 @@ def exclusive_lock(lock_path: str, what: str, timeout: float | None = None):
                 print(f"waiting for another process ({holder}) that is writing {what} ...", flush=True)
                 announced = True
             time.sleep(0.2)
+            continue
+        if _same_file(fd, lock_path):
+            break
+        os.close(fd)  # the previous holder removed the file while we waited on it: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # still holding the lock: a waiter sees the file is gone and retries
         os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_holder(lock_path: str) -> str:

@@ -85,6 +85,8 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
     if not state.is_main_process:  # the main process checks and lays out; the others compute their batches
         job = share(state)  # the main process's Job, None (up to date) or "error" (it failed and says why)
         if not isinstance(job, Job):
+            if torch.distributed.is_initialized():  # a clean goodbye: exiting with gloo's threads alive can abort
+                torch.distributed.destroy_process_group()
             raise SystemExit(2 if job == "error" else 0)
         _loop(job, cfg, state, device)
         state.wait_for_everyone()

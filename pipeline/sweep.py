@@ -7,17 +7,24 @@ a finished run (results.json) is skipped, an interrupted one resumes from its ch
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import os
+import queue
 import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
+
+from sklearn.model_selection import ParameterGrid
 
 from .cache import open_cache
 from .config import Config
 from .errors import PipelineError
 from .precompute import precompute
-from .train import latest_checkpoint, train
+from .rundir import RunDir
+from .train import train
 
 
 def load_grid(path: str) -> dict:
@@ -43,15 +50,9 @@ def load_grid(path: str) -> dict:
 
 
 def grid_points(grids: list) -> list:
-    points, seen = [], set()
-    for g in grids:
-        for values in itertools.product(*g.values()):
-            p = dict(zip(g.keys(), values))
-            key = json.dumps(p, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                points.append(p)
-    return points
+    """The union of the grids' products (sklearn's ParameterGrid), each point once, in grid order."""
+    points = {json.dumps(p, sort_keys=True): p for p in ParameterGrid(grids)}
+    return list(points.values())
 
 
 def slug(point: dict) -> str:
@@ -65,7 +66,8 @@ def strategy(cfg: Config, num_layers: int) -> str:
     return "head only" if blocks == 0 else f"top {blocks} block{'s' * (blocks > 1)}"
 
 
-def sweep(base: Config, grid_file: str) -> str:
+def sweep(base: Config, grid_file: str, jobs: int = 1) -> str:
+    """Every grid point's run, `jobs` at a time (separate processes when jobs > 1), then the results table."""
     spec = load_grid(grid_file)
     points = grid_points(spec["grids"])
     cfgs = [Config.from_dict({**base.to_dict(), **spec["base"], **p, "run_name": f"{spec['name']}/{slug(p)}"})
@@ -74,38 +76,99 @@ def sweep(base: Config, grid_file: str) -> str:
         precompute(c)
     infos = [open_cache(c.cache_path(), c) for c in cfgs]
     out_dir = os.path.join(base.runs_dir, spec["name"])
-    print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos})} cache(s) -> {out_dir}")
-    shared, rows = {}, []  # shared: each cached split is loaded once for all runs
-    grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
-    for n, (p, cfg, info) in enumerate(zip(points, cfgs, infos), 1):
-        run_dir = os.path.join(cfg.runs_dir, cfg.run_name)
-        if os.path.exists(os.path.join(run_dir, "results.json")):
+    print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos})} cache(s), {jobs} at a time "
+          f"-> {out_dir}")
+    todo = []
+    for n, (p, cfg) in enumerate(zip(points, cfgs), 1):
+        run = RunDir(os.path.join(cfg.runs_dir, cfg.run_name))
+        if run.finished():
             print(f"[{n}/{len(points)}] {slug(p)}: finished earlier, skipped")
-        else:
-            resume = latest_checkpoint(run_dir) is not None
-            if not resume and os.path.exists(run_dir):  # interrupted before its first checkpoint: nothing to keep
-                shutil.rmtree(run_dir)
-            print(f"[{n}/{len(points)}] {slug(p)}: {'resuming' if resume else 'training'}")
+            continue
+        resume = run.latest_checkpoint() is not None
+        if not resume and os.path.exists(run.path):  # interrupted before its first checkpoint: nothing to keep
+            shutil.rmtree(run.path)
+        todo.append((f"[{n}/{len(points)}] {slug(p)}: {'resuming' if resume else 'training'}", cfg, resume))
+    if jobs == 1:
+        shared = {}  # each cached split reader is opened once for all runs
+        for what, cfg, resume in todo:
+            print(what)
             train(cfg, resume=resume, shared=shared)
-        rows.append(_row(cfg, info, run_dir, out_dir, grid_keys))
-    write_results(rows, out_dir)
+    else:
+        _run_parallel(todo, jobs)
+    grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
+    rows = [_row(cfg, info, out_dir, grid_keys) for cfg, info in zip(cfgs, infos)]
+    write_results(rows, out_dir, base)
     return out_dir
 
 
-def _row(cfg: Config, info, run_dir: str, out_dir: str, grid_keys: list) -> dict:
-    with open(os.path.join(run_dir, "results.json")) as fh:
-        res = json.load(fh)
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    primary = "val_accuracy" if cfg.task == "classification" else "val_pearson"
-    return {"run": os.path.relpath(run_dir, out_dir), "strategy": strategy(cfg, info.num_layers),
-            "trainable_blocks": info.num_layers - res["k"], **{k: getattr(cfg, k) for k in grid_keys},
-            f"best_{primary[4:]}": max(r[primary] for r in records),
-            **{f"final_{k}": v for k, v in res["metrics"].items()},
+def _run_parallel(todo: list, jobs: int) -> None:
+    """Each run in its own `python -m pipeline train` process, `jobs` at once: one GPU each where there are GPUs,
+    else the CPU cores split between them. A failed run does not stop the others; its log names the problem."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    slots = queue.Queue()
+    for i in range(jobs):
+        slots.put(i)
+    failed = []
+
+    def one(item):
+        what, cfg, resume = item
+        run = RunDir(os.path.join(cfg.runs_dir, cfg.run_name))
+        os.makedirs(run.path, exist_ok=True)
+        with open(run.file("sweep_config.json"), "w") as fh:
+            json.dump({k: v for k, v in cfg.to_dict().items() if k != "preset"}, fh)
+        slot = slots.get()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        print(f"{what} (job {slot + 1}{f', GPU {slot % gpus}' if gpus else f', {threads} CPU thread(s)'}); "
+              f"log: {run.file('train.log')}", flush=True)
+        t0 = time.time()
+        try:
+            with open(run.file("train.log"), "a") as log:
+                rc = subprocess.call([sys.executable, "-m", "pipeline", "train", "--preset", cfg.preset, "--config",
+                                      run.file("sweep_config.json"), *(["--resume"] if resume else [])],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            slots.put(slot)
+        print(f"{what.split(':')[0]}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s",
+              flush=True)
+        if rc:
+            failed.append(run.file("train.log"))
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+    if failed:
+        raise PipelineError(f"{len(failed)} sweep run(s) failed; see their logs: {', '.join(failed)}. Rerun the "
+                            f"sweep to retry them (finished runs are skipped).")
+
+
+def _row(cfg: Config, info, out_dir: str, grid_keys: list) -> dict:
+    run = RunDir(os.path.join(cfg.runs_dir, cfg.run_name))
+    res = run.results()
+    best = res["best"]
+    return {"run": os.path.relpath(run.path, out_dir), "strategy": strategy(cfg, info.num_layers),
+            "trainable_blocks": info.num_layers - cfg.stage_depths()[-1], **{k: getattr(cfg, k) for k in grid_keys},
+            **{f"val_{k}": v for k, v in res["metrics"].items()}, "best_step": best["step"], "steps": res["step"],
+            f"last_{best['metric']}": res["last_metrics"][best["metric"]],
             "seconds": round(res["train_seconds"], 1), "trainable_params": res["trainable_params"]}
 
 
-def write_results(rows: list, out_dir: str) -> None:
+def pick_best(rows: list, cfg: Config) -> int:
+    """Index of the row with the best validation --metric-for-best (validation only: test never picks)."""
+    name, higher = cfg.best_metric()
+    values = [r[f"val_{name}"] for r in rows]
+    ok = [i for i, v in enumerate(values) if v == v]  # not NaN
+    return max(ok, key=lambda i: values[i] if higher else -values[i]) if ok else 0
+
+
+def write_results(rows: list, out_dir: str, cfg: Config) -> None:
     os.makedirs(out_dir, exist_ok=True)
+    best = pick_best(rows, cfg)
+    for i, r in enumerate(rows):
+        r["pick"] = "best" if i == best else ""
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns)
@@ -113,7 +176,7 @@ def write_results(rows: list, out_dir: str) -> None:
         w.writerows(rows)
 
     def fmt(column, v):
-        if column.startswith(("best_", "final_")):
+        if column.startswith(("val_", "last_")):
             return f"{v:.4f}"
         return "" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
@@ -123,9 +186,16 @@ def write_results(rows: list, out_dir: str) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, "results.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
+    name = cfg.best_metric()[0]
+    chosen = os.path.join(out_dir, rows[best]["run"])
+    note = (f"best by validation {name}: {rows[best]['run']} ({rows[best][f'val_{name}']:.4f}). Only that run "
+            f"should see the test split: python -m pipeline evaluate --run {chosen} --split test")
+    with open(os.path.join(out_dir, "results.md"), "a") as fh:
+        fh.write("\n" + note + "\n")
     plot(rows, os.path.join(out_dir, "results.png"))
     print(f"sweep results: {out_dir}/results.csv, results.md, results.png")
     print("\n".join(lines))
+    print(note)
 
 
 def plot(rows: list, path: str) -> None:
@@ -137,9 +207,10 @@ def plot(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metric = "final_accuracy" if rows and "final_accuracy" in rows[0] else "final_pearson"
-    skip = {"run", "strategy", "trainable_blocks", "seed", "seconds", "trainable_params", "stages"}
-    varying = [k for k in (rows[0] if rows else {}) if k not in skip and not k.startswith(("best_", "final_"))
+    metric = "val_accuracy" if rows and "val_accuracy" in rows[0] else "val_pearson"
+    skip = {"run", "strategy", "trainable_blocks", "seed", "seconds", "trainable_params", "stages", "best_step",
+            "steps", "pick"}
+    varying = [k for k in (rows[0] if rows else {}) if k not in skip and not k.startswith(("val_", "last_"))
                and len({str(r.get(k)) for r in rows}) > 1]
     series = {}
     for r in rows:
@@ -155,7 +226,7 @@ def plot(rows: list, path: str) -> None:
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=4, label=label)
     ax.set_xticks(sorted({x for by_x in series.values() for x in by_x}))
     ax.set_xlabel("trainable encoder blocks (0 = head only)")
-    ax.set_ylabel(metric.replace("_", " ") + " (validation)")
+    ax.set_ylabel(metric[4:] + " (validation, best evaluation)")
     ax.set_title("sweep: mean ± std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

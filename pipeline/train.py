@@ -1,22 +1,19 @@
 """Fine-tune the top encoder layers + head on cached hidden states with an explicit Accelerate loop."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import save_file
-from scipy.stats import pearsonr
-from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -27,15 +24,9 @@ from .dist import process_state, share
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
 from .memory import release_heap
+from .metrics import compute_metrics
+from .rundir import BEST, TOP_LAST, RunDir, TrainerState
 from .model import LAYER_KEY, carry_over, load_top
-
-
-def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict:
-    if task == "regression":
-        pearson = float(pearsonr(preds, labels)[0]) if len(preds) > 1 and np.std(preds) > 0 else float("nan")
-        return {"mse": float(mean_squared_error(labels, preds)), "pearson": pearson}
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "f1": float(f1_score(labels, preds, average="macro"))}
 
 
 def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, g: torch.Generator) -> DataLoader:
@@ -72,93 +63,35 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
-def evaluate(model, loader, accelerator, task) -> dict:
-    """Metrics over exactly the split's examples from every process (gather_for_metrics drops the duplicates that
-    even out the last batch); predictions stay on the device until the end."""
+def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predictions, labels, per-example losses) over exactly the split's examples from every process
+    (gather_for_metrics drops the duplicates that even out the last batch); all stay on the device until the end.
+    accelerator=None: one process, a plain loader."""
     model.eval()
-    preds, refs = [], []
+    preds, refs, losses = [], [], []
     with torch.no_grad():
         for batch in loader:
             logits = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"]).logits
-            p = logits.squeeze(-1).float() if task == "regression" else logits.argmax(-1)
-            p, y = accelerator.gather_for_metrics((p, batch["labels"]))
+            y = batch["labels"]
+            if task == "regression":
+                p = logits.squeeze(-1).float()
+                loss = (p - y.float()) ** 2
+            else:
+                p = logits.argmax(-1)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+            if accelerator is not None:
+                p, y, loss = accelerator.gather_for_metrics((p, y, loss))
             preds.append(p)
             refs.append(y)
+            losses.append(loss)
             if len(preds) % LOG_EVERY == 0:
                 release_heap()
     model.train()
-    return compute_metrics(task, torch.cat(preds).cpu().numpy(), torch.cat(refs).cpu().numpy())
+    return tuple(torch.cat(t).cpu().numpy() for t in (preds, refs, losses))
 
 
-# Config fields that may differ when a run is resumed: they do not change what is computed.
-RESUME_MAY_DIFFER = ("num_workers", "in_memory", "cpu", "runs_dir", "checkpoint_every")
-
-
-def latest_checkpoint(run_dir: str) -> tuple[str, dict] | None:
-    """The newest complete checkpoint of a run (trainer_state.json is written after Accelerate's save_state has
-    finished, so a checkpoint cut short by a kill is never picked) and its trainer state."""
-    root = os.path.join(run_dir, "checkpoints")
-    for name in sorted(os.listdir(root) if os.path.isdir(root) else [], reverse=True):
-        state_file = os.path.join(root, name, "trainer_state.json")
-        if os.path.isfile(state_file):
-            with open(state_file) as fh:
-                return os.path.join(root, name), json.load(fh)
-    return None
-
-
-def _prepare_run_dir(cfg: Config, run_dir: str, resume: bool):
-    """Fresh runs get a new directory; --resume continues one with the same config. Returns (checkpoint, state)
-    to resume from, (None, None) for a fresh start, or (None, results) for a run that has already finished."""
-    config_file = os.path.join(run_dir, "config.json")
-    if not resume:
-        if os.path.exists(config_file):
-            raise PipelineError(
-                f"run directory {run_dir} already holds a run; continue it with `--resume --run-name "
-                f"{os.path.basename(run_dir)}`, or choose another --run-name (nothing is overwritten).")
-        return None, None
-    if not cfg.run_name:
-        raise PipelineError("--resume needs --run-name: the name of the run directory to continue.")
-    if not os.path.exists(config_file):
-        raise PipelineError(f"--resume: {run_dir} holds no run to continue (no config.json); drop --resume to start "
-                            f"it fresh.")
-    with open(config_file) as fh:
-        saved = json.load(fh)["config"]
-    now = cfg.to_dict()
-    diff = [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
-    if diff:
-        raise PipelineError(f"--resume: the run in {run_dir} was started with another config:\n  " +
-                            "\n  ".join(diff) + "\nResume with the original options, or start a new --run-name.")
-    results = os.path.join(run_dir, "results.json")
-    if os.path.exists(results):
-        with open(results) as fh:
-            return None, json.load(fh)
-    found = latest_checkpoint(run_dir)
-    return (found[0], found[1]) if found else (None, None)
-
-
-def _epoch_start(epoch: int, step: int, metrics: dict) -> dict:
-    """Trainer state at the start of an epoch (nothing of it done yet), as checkpointed and resumed."""
-    return {"epoch": epoch, "step": step, "batches_done": 0, "loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
-            "metrics": metrics}
-
-
-def save_checkpoint(accelerator, run_dir: str, state: dict) -> None:
-    """Accelerate save_state (model as safetensors, optimizer, scheduler, RNG of every process) + our position in
-    the data as JSON, written last; older checkpoints are removed once the new one is complete."""
-    root = os.path.join(run_dir, "checkpoints")
-    path = os.path.join(root, f"step_{state['step']:08d}_epoch_{state['epoch']:03d}_{state['batches_done']:06d}")
-    accelerator.save_state(path, safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = os.path.join(path, "trainer_state.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(state, fh)
-        os.replace(tmp, os.path.join(path, "trainer_state.json"))
-        for name in os.listdir(root):
-            if os.path.join(root, name) != path:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    accelerator.wait_for_everyone()
+def evaluate(model, loader, accelerator, task: str) -> dict:
+    return compute_metrics(task, *predictions(model, loader, accelerator, task))
 
 
 def _tracker_config(cfg: Config) -> dict:
@@ -174,9 +107,70 @@ def _check_tracker(name: str) -> None:
                             f"{', '.join(available) or 'none'}). For TensorBoard: pip install tensorboard.")
 
 
+@dataclass
+class Session:
+    """What a run sets up once: its config, cache, process group, Accelerator and run directory."""
+    cfg: Config
+    path: str  # the cache file
+    info: object  # cache.CacheInfo
+    accelerator: Accelerator
+    run: RunDir
+    stages: list  # depth of each stage
+    shared: dict | None  # sweeps: cached split readers kept across runs
+
+    @property
+    def tracking(self) -> bool:
+        return self.cfg.report_to != "none"
+
+
+@dataclass
+class Stage:
+    """One depth of a run: the top, its optimizer and loaders (gradual unfreezing has several)."""
+    index: int
+    depth: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_dl: DataLoader
+    val_dl: DataLoader
+    shuffle_gen: torch.Generator
+    total_steps: int
+    trainable: int
+
+    def last_epoch(self, cfg: Config) -> int:
+        return (self.index + 1) * cfg.epochs
+
+
 def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shared: dict | None = None) -> dict:
     """Train the top on cached states. With cfg.stages, gradual unfreezing: one stage per depth, cfg.epochs each,
-    every stage starting from the previous stage's weights. `shared` (sweeps) keeps loaded splits across runs."""
+    every stage starting from the previous stage's weights. The best validation evaluation is the run's result.
+    `shared` (sweeps) keeps the cached split readers across runs."""
+    s, ckpt, state = setup(cfg, cache_path, resume, shared)
+    if s.run.finished():
+        return already_finished(s)
+    state = state or TrainerState()
+    set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
+    prev = None
+    for si in range((state.epoch - 1) // cfg.epochs, len(s.stages)):
+        stage = build_stage(s, si, prev)
+        start_stage(s, stage, ckpt, state)
+        ckpt = None
+        while not train_epoch(s, stage, state):  # False: the stage goes on with another epoch
+            state.next_epoch(state.epoch + 1)
+            if cfg.checkpoint_every >= 0:
+                save_checkpoint(s, state)
+        state.next_epoch(stage.last_epoch(cfg) + 1)  # a resumed epoch's progress is used up
+        prev = s.accelerator.unwrap_model(stage.model)
+        if state.stopped_early:
+            s.accelerator.print(f"early stopping: {cfg.early_stopping_patience} evaluations without a better "
+                                f"validation {cfg.best_metric()[0]}")
+            break
+    return save_result(s, stage, state, prev)
+
+
+def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None):
+    """Check the cache and the process count, open the run directory (fresh or resumed) and the Accelerator.
+    Returns (session, checkpoint to resume from or None, its TrainerState or None)."""
     path = cache_path or cfg.cache_path()
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
@@ -191,171 +185,216 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
                             f"batches split across the {procs.num_processes} processes: make both multiples of "
                             f"{procs.num_processes}.")
     name = share(procs, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # every process: the main one's timestamp
-    run_dir = os.path.join(cfg.runs_dir, name)
-    ckpt, state = _prepare_run_dir(cfg, run_dir, resume)
-    if ckpt is None and state is not None:  # finished earlier
-        print(f"run {run_dir} has already finished; its final metrics:")
-        print(" ".join(f"{k}={v:.4f}" for k, v in state["metrics"].items()))
-        return {"run_dir": run_dir, **state["metrics"]}
-    ensure_writable_dir(run_dir, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
+    run = RunDir(os.path.join(cfg.runs_dir, name))
+    ckpt, state = run.prepare(cfg, resume)
+    if not run.finished():
+        ensure_writable_dir(run.path, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
     # Several runs in one process (tests, sweeps) may differ in mixed precision: Accelerate keeps that in a
     # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
     AcceleratorState._reset_state()
     tracking = cfg.report_to != "none"
     accelerator = Accelerator(cpu=procs.device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.grad_accum, project_dir=run_dir,
+                              gradient_accumulation_steps=cfg.grad_accum, project_dir=run.path,
                               log_with=cfg.report_to if tracking else None,
                               dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
-    if tracking:
+    if tracking and not run.finished():
         accelerator.init_trackers(cfg.report_to, config=_tracker_config(cfg))
-    stages = cfg.stage_depths()
-    total_epochs = cfg.epochs * len(stages)  # cfg.epochs per stage
-    metrics_file = os.path.join(run_dir, "metrics.jsonl")
-    if state is None:
-        state = _epoch_start(1, 0, {})
-    set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
-    step, metrics, prev, n_trainable = state["step"], state["metrics"], None, 0
-    for si in range((state["epoch"] - 1) // cfg.epochs, len(stages)):
-        depth = stages[si]
-        model, digest = load_top(replace(cfg, k=depth), info.num_labels, info.label_names)
-        if digest != info.weights_sha256[depth]:
-            raise PipelineError(
-                f"the frozen weights of {cfg.model!r} (embeddings + layers below {depth}) differ from those that "
-                f"built {path}; the model changed since precompute. Rebuild with `make precompute ARGS=--force`.")
-        if prev is not None:
-            carry_over(prev.state_dict(), model, stages[si - 1] - depth)
-        train_ds = _split(shared, path, "train", depth, cfg.in_memory)
-        val_ds = _split(shared, path, "validation", depth, cfg.in_memory)
-        pin = accelerator.device.type == "cuda"
-        # The shuffling generator is reseeded with (seed, epoch) at every epoch start, so the order of any epoch can
-        # be rebuilt on resume; the loaders' own generators keep DataLoader seeding off the global RNG (dropout's).
-        shuffle_gen = torch.Generator()
-        train_dl = make_loader(train_ds, cfg, True, pin, shuffle_gen)
-        val_dl = make_loader(val_ds, cfg, False, pin, torch.Generator())
-        steps_per_epoch = math.ceil(len(train_dl) / cfg.grad_accum)
-        total_steps = steps_per_epoch * cfg.epochs
-        if cfg.max_steps > 0:
-            total_steps = min(cfg.max_steps, total_steps)
-        optimizer, scheduler = build_optimizer(model, cfg, total_steps, depth, info.num_layers)
-        accelerator.free_memory()  # forget the previous stage's prepared objects (save_state saves what is held)
-        model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl,
-                                                                            scheduler)
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if ckpt is not None:
-            try:  # Accelerate reads the model from safetensors and the rest with torch.load(weights_only=True)
-                accelerator.load_state(ckpt)
-            except Exception as e:  # an unpickling refusal, a damaged file
-                raise PipelineError(
-                    f"cannot load checkpoint {ckpt}: {first_line(e)}. Only plain tensors and numbers are accepted "
-                    f"(no pickled code). Delete that checkpoint folder to resume from an earlier one, or start a "
-                    f"new run.") from None
-            accelerator.print(f"resuming {run_dir} from {ckpt}: epoch {state['epoch']}, step {state['step']}, "
-                              f"{state['batches_done']} batches of the epoch done")
-        if ckpt is None and si == 0:  # a fresh run
-            if accelerator.is_main_process:
-                with open(os.path.join(run_dir, "config.json"), "w") as fh:
-                    json.dump({"config": cfg.to_dict(), "cache": path, "cache_attrs": {
-                        k: info.attrs[k] for k in ("weights_sha256_json", "dataset_fingerprint", "depths_json",
-                                                   "dtype", "num_layers")},
-                        "label_names": info.label_names, "trainable_params": n_trainable, "stages": stages,
-                        "num_processes": accelerator.num_processes, "device": str(accelerator.device)}, fh, indent=2,
-                        default=str)
-                open(metrics_file, "w").close()
-        elif ckpt is not None:  # resumed: drop the records of epochs that are being redone
-            if accelerator.is_main_process:
-                records = [line for line in open(metrics_file) if json.loads(line)["epoch"] < state["epoch"]]
-                with open(metrics_file, "w") as fh:
-                    fh.writelines(records)
-        elif cfg.checkpoint_every >= 0:  # a new stage: checkpoint the handed-over weights and the new optimizer
-            save_checkpoint(accelerator, run_dir, _epoch_start(si * cfg.epochs + 1, step, metrics))
-        ckpt = None
-        what = (f"stage {si + 1}/{len(stages)}: " if len(stages) > 1 else "") + (
-            f"top {info.num_layers - depth} of {info.num_layers} layers + head" if depth < info.num_layers
-            else "head only (pooler + classifier)")
-        accelerator.print(f"train: {len(train_ds)} train / {len(val_ds)} validation examples from {path}; {what}, "
-                          f"{n_trainable / 1e6:.2f}M trainable params, {accelerator.num_processes} process(es) on "
-                          f"{accelerator.device}")
-        model.train()
-        first = max(state["epoch"], si * cfg.epochs + 1)
-        for epoch in range(first, (si + 1) * cfg.epochs + 1):
-            shuffle_gen.manual_seed(epoch_seed(cfg, epoch))
-            skip = state["batches_done"] if epoch == state["epoch"] else 0
-            resumed = skip > 0
-            t0 = time.perf_counter()
-            tokens, loss_sum, n_batches, prior_s = ((state["tokens"], state["loss_sum"], skip, state["seconds"])
-                                                    if resumed else (0, 0.0, 0, 0.0))
-            totals = _Totals(accelerator, loss_sum, tokens)
-            loader = accelerator.skip_first_batches(train_dl, skip) if resumed else train_dl
-            bar = tqdm(loader, desc=f"epoch {epoch}/{total_epochs}", unit="batch", dynamic_ncols=True, initial=skip,
-                       total=len(train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
-                       disable=not accelerator.is_local_main_process)
-            stage_done = False
-            for batch in bar:
-                with accelerator.accumulate(model):
-                    out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
-                                labels=batch["labels"])
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                totals.add(out.loss, batch["attention_mask"])  # on the device: no host sync per step
-                n_batches += 1
-                if n_batches % LOG_EVERY == 0:
-                    release_heap()
-                    loss_sum, tokens = totals.read()
-                    bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}",
-                                    tok_s=f"{tokens / (time.perf_counter() - t0 + prior_s):.0f}", refresh=False)
-                if accelerator.sync_gradients:
-                    step += 1
-                    stage_done = cfg.max_steps > 0 and step - si * total_steps >= cfg.max_steps
-                    last = stage_done or n_batches == len(train_dl)
-                    if cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 and not last:
-                        loss_sum, tokens = totals.read()
-                        save_checkpoint(accelerator, run_dir, {
-                            "epoch": epoch, "step": step, "batches_done": n_batches, "loss_sum": loss_sum,
-                            "tokens": tokens, "seconds": prior_s + time.perf_counter() - t0, "metrics": metrics})
-                if stage_done:
-                    break
-            loss_sum, tokens = totals.read()
-            secs = prior_s + time.perf_counter() - t0
-            metrics = evaluate(model, val_dl, accelerator, cfg.task)
-            record = {"epoch": epoch, "stage": si + 1, "depth": depth, "step": step,
-                      "train_loss": loss_sum / max(n_batches, 1), "train_seconds": secs,
-                      "train_tokens_per_s": tokens / secs, **{f"val_{k}": v for k, v in metrics.items()}}
-            accelerator.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items()))
-            if tracking:
-                accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=step)
-            if accelerator.is_main_process:
-                with open(metrics_file, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            if stage_done or epoch == (si + 1) * cfg.epochs:
-                break  # the next stage (if any) checkpoints its own model once it is built
-            if cfg.checkpoint_every >= 0:  # resume starts the next epoch
-                save_checkpoint(accelerator, run_dir, _epoch_start(epoch + 1, step, metrics))
-        prev = accelerator.unwrap_model(model)
-        state = _epoch_start((si + 1) * cfg.epochs + 1, step, metrics)  # a resumed epoch's progress is used up
+    return Session(cfg, path, info, accelerator, run, cfg.stage_depths(), shared), ckpt, state
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state_dict = {n: t.detach().cpu().contiguous() for n, t in prev.state_dict().items()}
-        save_file(state_dict, os.path.join(run_dir, "top.safetensors"),
-                  metadata={"config_json": cfg.to_json(), "k": str(stages[-1]), "num_layers": str(info.num_layers),
-                            "label_names_json": json.dumps(info.label_names), "cache": path})
-        prev.config.to_json_file(os.path.join(run_dir, "top_config.json"))
-        records = [json.loads(line) for line in open(metrics_file)]
-        with open(os.path.join(run_dir, "results.json"), "w") as fh:  # marks the run finished
-            json.dump({"metrics": metrics, "step": step, "trainable_params": n_trainable, "k": stages[-1],
-                       "train_seconds": sum(r["train_seconds"] for r in records)}, fh, indent=2)
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    if tracking:
-        accelerator.end_training()
-    final = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    accelerator.print(f"run dir: {run_dir}")
-    accelerator.print(final)
-    return {"run_dir": run_dir, **metrics}
+
+def already_finished(s: Session) -> dict:
+    results = s.run.results()
+    print(f"run {s.run.path} has already finished; its best evaluation:")
+    print(" ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items()))
+    return {"run_dir": s.run.path, **results["metrics"]}
+
+
+def build_stage(s: Session, si: int, prev) -> Stage:
+    """The top at the stage's depth (the previous stage's weights carried over), its loaders, optimizer and
+    schedule, prepared by Accelerate."""
+    cfg, info, depth = s.cfg, s.info, s.stages[si]
+    model, digest = load_top(replace(cfg, k=depth), info.num_labels, info.label_names)
+    if digest != info.weights_sha256[depth]:
+        raise PipelineError(
+            f"the frozen weights of {cfg.model!r} (embeddings + layers below {depth}) differ from those that "
+            f"built {s.path}; the model changed since precompute. Rebuild with `make precompute ARGS=--force`.")
+    if prev is not None:
+        carry_over(prev.state_dict(), model, s.stages[si - 1] - depth)
+    pin = s.accelerator.device.type == "cuda"
+    # The shuffling generator is reseeded with (seed, epoch) at every epoch start, so the order of any epoch can
+    # be rebuilt on resume; the loaders' own generators keep DataLoader seeding off the global RNG (dropout's).
+    shuffle_gen = torch.Generator()
+    train_dl = make_loader(_split(s.shared, s.path, "train", depth, cfg.in_memory), cfg, True, pin, shuffle_gen)
+    val_dl = make_loader(_split(s.shared, s.path, "validation", depth, cfg.in_memory), cfg, False, pin,
+                         torch.Generator())
+    total_steps = math.ceil(len(train_dl) / cfg.grad_accum) * cfg.epochs
+    if cfg.max_steps > 0:
+        total_steps = min(cfg.max_steps, total_steps)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps, depth, info.num_layers)
+    s.accelerator.free_memory()  # forget the previous stage's prepared objects (save_state saves what is held)
+    model, optimizer, train_dl, val_dl, scheduler = s.accelerator.prepare(model, optimizer, train_dl, val_dl,
+                                                                          scheduler)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Stage(si, depth, model, optimizer, scheduler, train_dl, val_dl, shuffle_gen, total_steps, trainable)
+
+
+def start_stage(s: Session, stage: Stage, ckpt: str | None, state: TrainerState) -> None:
+    """Resume from `ckpt`, or start the run's files (first stage), or checkpoint the handed-over weights."""
+    acc, run = s.accelerator, s.run
+    if ckpt is not None:
+        try:  # Accelerate reads the model from safetensors and the rest with torch.load(weights_only=True)
+            acc.load_state(ckpt)
+        except Exception as e:  # an unpickling refusal, a damaged file
+            raise PipelineError(
+                f"cannot load checkpoint {ckpt}: {first_line(e)}. Only plain tensors and numbers are accepted "
+                f"(no pickled code). Delete that checkpoint folder to resume from an earlier one, or start a "
+                f"new run.") from None
+        acc.print(f"resuming {run.path} from {ckpt}: epoch {state.epoch}, step {state.step}, "
+                  f"{state.batches_done} batches of the epoch done")
+        if acc.is_main_process:
+            run.keep_metrics_upto(state.step)
+    elif stage.index == 0:
+        if acc.is_main_process:
+            run.start(s.cfg, {"cache": s.path, "cache_attrs": {
+                k: s.info.attrs[k] for k in ("weights_sha256_json", "dataset_fingerprint", "depths_json", "dtype",
+                                             "num_layers")},
+                "label_names": s.info.label_names, "trainable_params": stage.trainable, "stages": s.stages,
+                "num_processes": acc.num_processes, "device": str(acc.device)})
+    elif s.cfg.checkpoint_every >= 0:  # a new stage: checkpoint the handed-over weights and the new optimizer
+        save_checkpoint(s, state)
+    layers = s.info.num_layers
+    what = (f"stage {stage.index + 1}/{len(s.stages)}: " if len(s.stages) > 1 else "") + (
+        f"top {layers - stage.depth} of {layers} layers + head" if stage.depth < layers
+        else "head only (pooler + classifier)")
+    acc.print(f"train: {len(stage.train_dl.dataset)} train / {len(stage.val_dl.dataset)} validation examples from "
+              f"{s.path}; {what}, {stage.trainable / 1e6:.2f}M trainable params, {acc.num_processes} process(es) on "
+              f"{acc.device}")
+
+
+def train_epoch(s: Session, stage: Stage, state: TrainerState) -> bool:
+    """Train state.epoch from state.batches_done on, evaluating at its end (or every cfg.eval_every steps) and
+    checkpointing every cfg.checkpoint_every steps. True when the stage ends (its last epoch, max_steps, early
+    stopping)."""
+    cfg, acc, model = s.cfg, s.accelerator, stage.model
+    model.train()  # from_pretrained gives eval mode: dropout on from the first batch
+    stage.shuffle_gen.manual_seed(epoch_seed(cfg, state.epoch))
+    skip, prior_s, t0 = state.batches_done, state.seconds, time.perf_counter()
+    totals = _Totals(acc, state.loss_sum, state.tokens)
+
+    def sync():  # the running totals into the state (a host sync: only at logs, evaluations, checkpoints)
+        state.loss_sum, state.tokens = totals.read()
+        state.seconds = prior_s + time.perf_counter() - t0
+
+    loader = acc.skip_first_batches(stage.train_dl, skip) if skip else stage.train_dl
+    total_epochs = cfg.epochs * len(s.stages)
+    bar = tqdm(loader, desc=f"epoch {state.epoch}/{total_epochs}", unit="batch", dynamic_ncols=True, initial=skip,
+               total=len(stage.train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
+               disable=not acc.is_local_main_process)
+    max_steps_hit = False
+    for batch in bar:
+        with acc.accumulate(model):
+            out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
+                        labels=batch["labels"])
+            acc.backward(out.loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            stage.optimizer.step()
+            stage.scheduler.step()
+            stage.optimizer.zero_grad()
+        totals.add(out.loss, batch["attention_mask"])  # on the device: no host sync per step
+        state.batches_done += 1
+        if state.batches_done % LOG_EVERY == 0:
+            release_heap()
+            sync()
+            bar.set_postfix(loss=f"{state.loss_sum / state.batches_done:.4f}",
+                            tok_s=f"{state.tokens / state.seconds:.0f}", refresh=False)
+        if not acc.sync_gradients:
+            continue
+        state.step += 1
+        max_steps_hit = cfg.max_steps > 0 and state.step - stage.index * stage.total_steps >= cfg.max_steps
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            sync()
+            validate(s, stage, state)
+        if max_steps_hit or state.stopped_early:
+            break
+        if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0 and \
+                state.batches_done < len(stage.train_dl):
+            sync()
+            save_checkpoint(s, state)
+    sync()
+    stage_ends = max_steps_hit or state.stopped_early or state.epoch == stage.last_epoch(cfg)
+    if not cfg.eval_every or (stage_ends and state.step % cfg.eval_every):  # not evaluated at this step yet
+        validate(s, stage, state)
+    return stage_ends or state.stopped_early
+
+
+def validate(s: Session, stage: Stage, state: TrainerState) -> None:
+    """Evaluate on the validation split; log the record; keep the top if it is the best so far; count evaluations
+    without improvement for early stopping."""
+    cfg, acc = s.cfg, s.accelerator
+    metrics = evaluate(stage.model, stage.val_dl, acc, cfg.task)  # back in train mode after it
+    state.metrics = metrics
+    if state.improved(cfg, metrics):
+        state.best_metrics, state.best_step, state.best_epoch, state.best_depth = metrics, state.step, state.epoch, \
+            stage.depth
+        state.evals_since_best = 0
+        if acc.is_main_process:
+            s.run.save_top(BEST, acc.unwrap_model(stage.model).state_dict(), top_metadata(s, stage.depth, state))
+    else:
+        state.evals_since_best += 1
+        state.stopped_early = 0 < cfg.early_stopping_patience <= state.evals_since_best
+    record = {"epoch": state.epoch, "stage": stage.index + 1, "depth": stage.depth, "step": state.step,
+              "train_loss": state.loss_sum / max(state.batches_done, 1), "train_seconds": state.seconds,
+              "train_tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+              **{f"val_{k}": v for k, v in metrics.items()}, "best": state.best_step == state.step}
+    acc.print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if s.tracking:
+        acc.log({k: v for k, v in record.items() if k not in ("epoch", "best")}, step=state.step)
+    if acc.is_main_process:
+        s.run.append_metrics(record)
+
+
+def top_metadata(s: Session, depth: int, state: TrainerState) -> dict:
+    return {"config_json": s.cfg.to_json(), "k": depth, "num_layers": s.info.num_layers,
+            "label_names_json": json.dumps(s.info.label_names), "cache": s.path, "step": state.step,
+            "epoch": state.epoch}
+
+
+def save_checkpoint(s: Session, state: TrainerState) -> None:
+    """Accelerate save_state (model as safetensors, optimizer, scheduler, RNG of every process) + the TrainerState
+    as JSON, written last; older checkpoints are removed once the new one is complete."""
+    ckpt = s.run.checkpoint_dir(state)
+    s.accelerator.save_state(ckpt, safe_serialization=True)
+    s.accelerator.wait_for_everyone()
+    if s.accelerator.is_main_process:
+        s.run.write_state(ckpt, state)
+    s.accelerator.wait_for_everyone()
+
+
+def save_result(s: Session, stage: Stage, state: TrainerState, last) -> dict:
+    """top.safetensors = the best evaluation's top (top_last.safetensors = the last, with --save-last);
+    results.json marks the run finished."""
+    acc, cfg = s.accelerator, s.cfg
+    acc.wait_for_everyone()
+    name, _ = cfg.best_metric()
+    if acc.is_main_process:
+        if cfg.save_last:
+            s.run.save_top(TOP_LAST, last.state_dict(), top_metadata(s, stage.depth, state))
+        top_config = copy.deepcopy(last.config)
+        top_config.num_hidden_layers = s.info.num_layers - state.best_depth
+        s.run.finish({"metrics": state.best_metrics, "best": {
+            "metric": name, "value": state.best_metrics[name], "step": state.best_step, "epoch": state.best_epoch,
+            "depth": state.best_depth}, "last_metrics": state.metrics, "step": state.step,
+            "stopped_early": state.stopped_early, "trainable_params": stage.trainable, "k": state.best_depth,
+            "train_seconds": state.total_seconds}, top_config)
+    if s.tracking:
+        acc.end_training()
+    acc.print(f"run dir: {s.run.path}")
+    acc.print(f"best: step {state.best_step} (epoch {state.best_epoch}) of {state.step}, by validation {name}"
+              + ("; last: " + " ".join(f"{k}={v:.4f}" for k, v in state.metrics.items())
+                 if state.best_step != state.step else ""))
+    acc.print(" ".join(f"{k}={v:.4f}" for k, v in state.best_metrics.items()))
+    return {"run_dir": s.run.path, **state.best_metrics}
 
 
 LOG_EVERY = 50  # batches between reads of the running loss and token count (each read is a host sync)

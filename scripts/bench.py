@@ -6,6 +6,9 @@ peak memory is measured per method):
   B      a plain PyTorch loop on the same frozen full model (the Trainer's own overhead becomes visible)
   ours   `precompute` once, then `train` from the cache: the product's real code path
   limit  the top model's forward+backward+step on the same batches, pre-collated in memory (no I/O, no collate)
+  peers  what people pick instead (--peers, on by default): LoRA r=8 (peft) on q,k,v of every layer of the full
+         model, and a SetFit-style linear head on the frozen body's mean-pooled embedding (the body re-runs on
+         every batch of every epoch); each with its usual learning rate (5e-4 and 1e-2)
 plus `bottom`, a plain inference_mode forward of the bottom over the same batches (precompute's ceiling), and a
 profile of ours' training step (data, forward, backward, optimizer).
 
@@ -117,7 +120,7 @@ def _frozen_full_model(cfg, data):
 
 
 def _metrics(preds, labels):
-    from pipeline.train import compute_metrics
+    from pipeline.metrics import compute_metrics
 
     return compute_metrics("classification", preds, labels)
 
@@ -159,6 +162,13 @@ def baseline_trainer(cfg, grouped=False):
 
 def baseline_loop(cfg):
     """B: a plain PyTorch loop on the same frozen full model, same collator, optimizer and schedule."""
+    data, tok, rows = _tokenized(cfg)
+    return _plain_loop(cfg, _frozen_full_model(cfg, data), tok, rows, cfg.lr)
+
+
+def _plain_loop(cfg, model, tok, rows, lr):
+    """Train `model`'s trainable parameters with AdamW + linear schedule over shuffled padded batches of token ids,
+    then score the validation split: epoch seconds, tokens/s, accuracy, F1."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
@@ -166,13 +176,12 @@ def baseline_loop(cfg):
 
     from pipeline.train import build_optimizer
 
-    data, tok, rows = _tokenized(cfg)
     dev = _device()
-    model = _frozen_full_model(cfg, data).to(dev)
+    model = model.to(dev)
     collate = DataCollatorWithPadding(tok)
     g = torch.Generator().manual_seed(cfg.seed)
     dl = DataLoader(rows["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
-    opt, sched = build_optimizer(model, cfg, len(dl) * cfg.epochs)
+    opt, sched = build_optimizer(model, replace(cfg, lr=lr), len(dl) * cfg.epochs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     epoch_s = []
@@ -197,6 +206,73 @@ def baseline_loop(cfg):
             labels.append(batch["labels"].cpu().numpy())
     tokens = _real_tokens(rows["train"])
     return {"epoch_s": sum(epoch_s) / len(epoch_s), "tokens_per_s": tokens * len(epoch_s) / sum(epoch_s),
+            "trainable_params": sum(p.numel() for p in trainable),
+            **_metrics(np.concatenate(preds), np.concatenate(labels))}
+
+
+def peer_lora(cfg, lr=5e-4, r=8):
+    """Peer: LoRA (peft) on the full model, what people on small GPUs pick instead: rank-r adapters on the query,
+    key and value projections of every layer + the classification head, nothing frozen away from the forward."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from accelerate.utils import set_seed
+
+    from pipeline.model import load_full_model
+
+    data, tok, rows = _tokenized(cfg)
+    set_seed(cfg.seed)
+    model = load_full_model(cfg, len(data.label_names), data.label_names)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=2 * r, lora_dropout=0.1,
+                                             target_modules=["query", "key", "value"]))
+    return {**_plain_loop(cfg, model, tok, rows, lr), "lr": lr, "r": r}
+
+
+def peer_setfit_head(cfg, lr=1e-2):
+    """Peer: a SetFit-style differentiable head (SetFit's phase 2 with the body frozen): the whole frozen body
+    re-runs on every batch of every epoch, its mean-pooled, normalised sentence embedding feeds a linear head."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModel, DataCollatorWithPadding
+
+    from pipeline.model import resolve_model_path
+
+    data, tok, rows = _tokenized(cfg)
+    dev = _device()
+    torch.manual_seed(cfg.seed)
+    body = AutoModel.from_pretrained(resolve_model_path(cfg.model)).to(dev).eval().requires_grad_(False)
+    head = torch.nn.Linear(body.config.hidden_size, len(data.label_names)).to(dev)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    collate = DataCollatorWithPadding(tok)
+    g = torch.Generator().manual_seed(cfg.seed)
+    dl = DataLoader(rows["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=g)
+
+    def embed(batch):
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            h = body(**batch).last_hidden_state
+            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1), labels
+
+    epoch_s = []
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        for batch in dl:
+            x, y = embed({k: v.to(dev) for k, v in batch.items()})
+            loss = torch.nn.functional.cross_entropy(head(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync()
+        epoch_s.append(time.perf_counter() - t0)
+    preds, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(rows["validation"], batch_size=cfg.eval_batch_size, collate_fn=collate):
+            x, y = embed({k: v.to(dev) for k, v in batch.items()})
+            preds.append(head(x).argmax(-1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+    tokens = _real_tokens(rows["train"])
+    return {"epoch_s": sum(epoch_s) / len(epoch_s), "tokens_per_s": tokens * len(epoch_s) / sum(epoch_s),
+            "trainable_params": sum(p.numel() for p in head.parameters()), "lr": lr,
             **_metrics(np.concatenate(preds), np.concatenate(labels))}
 
 
@@ -348,7 +424,7 @@ def profile(cfg, steps=40):
 
 
 METHODS = {f.__name__: f for f in (baseline_trainer, baseline_loop, ours_precompute, ours_train, limit,
-                                   bottom_forward, profile)}
+                                   bottom_forward, profile, peer_lora, peer_setfit_head)}
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -397,6 +473,9 @@ def bench_shape(shape: str, args, workdir: str) -> dict:
     timed("limit", "limit")
     timed("baseline_loop", "baseline_loop")
     timed("baseline_trainer", "baseline_trainer")
+    if args.peers:
+        timed("peer_lora", "peer_lora")
+        timed("peer_setfit_head", "peer_setfit_head")
     if not args.quick:
         # the two tricks apart: caching without length grouping, and the Trainer with its own length grouping
         timed("ours_train_ungrouped", "ours_train", replace(cfg, group_by_length=False, run_name=f"ours-{shape}-ungrouped"))
@@ -424,6 +503,12 @@ def _ratios(r: dict, args) -> dict:
         "sweep8_cost_ratio_A_over_ours": n * a["epoch_s"] / (pre + n * ours["epoch_s"]),
         "accuracy_diff_vs_A_points": 100 * (ours["accuracy"] - a["accuracy"]),
     }
+    for peer in ("peer_lora", "peer_setfit_head"):
+        if peer in r:
+            r["ratios"][f"epoch_speedup_vs_{peer[5:]}"] = r[peer]["epoch_s"] / ours["epoch_s"]
+            r["ratios"][f"accuracy_diff_vs_{peer[5:]}_points"] = 100 * (ours["accuracy"] - r[peer]["accuracy"])
+            r["ratios"][f"train_rss_growth_vs_{peer[5:]}"] = (ours["peak_rss_mb"] - ours["rss_after_imports_mb"]) / (
+                r[peer]["peak_rss_mb"] - r[peer]["rss_after_imports_mb"])
     if "ours_train_ungrouped" in r:
         r["ratios"]["epoch_speedup_vs_A_without_grouping"] = a["epoch_s"] / r["ours_train_ungrouped"]["epoch_s"]
         r["ratios"]["epoch_speedup_vs_A_both_grouped"] = (r["baseline_trainer_grouped"]["epoch_s"]
@@ -443,6 +528,11 @@ def markdown(results: list, meta: dict) -> str:
                 ("B: plain loop, frozen full model", None, r["baseline_loop"]),
                 ("ours: precompute + train from cache", pre["precompute_s"], r["ours_train"]),
                 ("limit: top fwd+bwd, batches in memory", None, r["limit"])]
+        if "peer_lora" in r:
+            rows += [(f"peer: LoRA r={r['peer_lora']['r']} on q,k,v of every layer (peft), lr "
+                      f"{r['peer_lora']['lr']:g}", None, r["peer_lora"]),
+                     (f"peer: SetFit-style head on the frozen body, lr {r['peer_setfit_head']['lr']:g}", None,
+                      r["peer_setfit_head"])]
         if "ours_train_ungrouped" in r:
             rows += [("A + Trainer length grouping", None, r["baseline_trainer_grouped"]),
                      ("ours without length grouping", None, r["ours_train_ungrouped"])]
@@ -482,6 +572,8 @@ def main(argv=None):
     ap.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     ap.add_argument("--no-group-by-length", action="store_true", help="ours without length-grouped batches")
     ap.add_argument("--repeats", type=int, default=2, help="alternated repeats of precompute vs plain forward")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the peers: LoRA (peft) on the full model and a SetFit-style head on the frozen body")
     ap.add_argument("--quick", action="store_true", help="tiny run that checks the benchmark works (no profile)")
     ap.add_argument("--out", default=os.path.join(ROOT, "cache", "bench"))
     ap.add_argument("--workdir", help="where caches/models go (default: a temporary folder)")

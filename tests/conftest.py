@@ -67,11 +67,17 @@ def small_csv(tmp_path_factory):
     return str(path)
 
 
+def options(tmp_path, model, dataset, sub="cache", **kw) -> dict:
+    """The options every test run shares (the one helper of the suite): a tiny model and data, the test's own cache
+    folder (`sub`) and runs folder, k=1, short sequences, small batches, one epoch; kw overrides any of them.
+    Config form: tiny_cfg(...); command-line form: cli_args(options(...))."""
+    return {"model": model, "dataset": dataset, "cache_dir": str(tmp_path / sub), "runs_dir": str(tmp_path / "runs"),
+            "k": 1, "max_length": 64, "batch_size": 8, "eval_batch_size": 16, "precompute_batch_size": 16,
+            "epochs": 1, **kw}
+
+
 def tiny_cfg(tmp_path, model, dataset, **kw):
-    base = dict(model=model, dataset=dataset, cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
-                k=1, max_length=64, batch_size=8, eval_batch_size=16, precompute_batch_size=16, epochs=1)
-    base.update(kw)
-    return make_config("default", **base)
+    return make_config("default", **options(tmp_path, model, dataset, **kw))
 
 
 def run_cli(*args, env=None, check=True):

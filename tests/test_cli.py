@@ -15,14 +15,11 @@ from pipeline.cache import open_cache
 from pipeline.precompute import precompute
 from pipeline.train import train
 
-from conftest import ROOT, cli_args, corpus_rows, run_cli, tiny_cfg
+from conftest import ROOT, cli_args, corpus_rows, options, run_cli, tiny_cfg
 
 
 def _opts(tmp_path, model, dataset, **kw):
-    base = dict(model=model, dataset=dataset, cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", k=1,
-                max_length=64, batch_size=8, precompute_batch_size=16, epochs=1)
-    base.update(kw)
-    return cli_args(base)
+    return cli_args(options(tmp_path, model, dataset, **kw))
 
 
 def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
@@ -60,7 +57,7 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
 
     proc = run_cli("train", *opts, "--max-steps", 2, "--run-name", "smoke")
     last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"accuracy=\d\.\d{4} f1=\d\.\d{4}", last), proc.stdout
+    assert re.fullmatch(r"accuracy=\d\.\d{4} f1=\d\.\d{4} loss=\d\.\d{4}", last), proc.stdout
     run = tmp_path / "runs" / "smoke"
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert len(records) == 1 and records[0]["step"] == 2 and 0 <= records[0]["val_accuracy"] <= 1
@@ -89,7 +86,7 @@ def test_reference_preset_with_local_standins(tmp_path, tiny_model):
                          runs_dir=tmp_path / "runs", k=2, max_length=64, precompute_batch_size=32))
     run_cli("precompute", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts)
     (path,) = (tmp_path / "cache").glob("*.h5")
-    assert path.name.startswith("bert-base-amazon-k2-")
+    assert path.name.startswith("amazon_like-k2-")  # named after the data (the preset's own dataset: the preset)
     with h5py.File(path) as f:
         assert json.loads(f.attrs["splits_json"]) == ["validation", "train"]  # 80/20, no test split
         assert f["validation/lengths"].shape[0] == 16 and f["train/lengths"].shape[0] == 64
@@ -97,7 +94,7 @@ def test_reference_preset_with_local_standins(tmp_path, tiny_model):
         assert (cfg["lr"], cfg["batch_size"], cfg["text_column"], cfg["preset"]) == (2e-5, 16, "content",
                                                                                      "bert-base-amazon")
     out = run_cli("train", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts, "--max-steps", 2).stdout
-    assert re.search(r"^accuracy=\S+ f1=\S+$", out, re.M)
+    assert re.search(r"^accuracy=\S+ f1=\S+ loss=\S+$", out, re.M)
 
 
 def test_multiprocess_training_with_torchrun(tmp_path, tiny_model, small_csv):

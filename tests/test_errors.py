@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 from pipeline.cli import main
 
-from conftest import cli_args, corpus_rows, run_cli
+from conftest import cli_args, corpus_rows, options, run_cli
 
 
 def _fail(capsys, *argv):
@@ -22,8 +22,7 @@ def _fail(capsys, *argv):
 
 
 def _opts(tmp_path, model, dataset, **kw):
-    return cli_args(dict(model=model, dataset=dataset, cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs",
-                         k=1, max_length=32, **kw))
+    return cli_args(options(tmp_path, model, dataset, **{"max_length": 32, **kw}))
 
 
 def _no_cache_written(tmp_path):

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import make_config
 from pipeline.cache import CachedSplit, open_cache
 from pipeline.errors import PipelineError
 from pipeline.model import load_top
@@ -21,7 +20,7 @@ from pipeline.precompute import precompute
 from pipeline.train import build_optimizer, epoch_seed, make_loader, train
 from pipeline.verify import verify
 
-from conftest import ROOT, TINY, cli_args, run_cli
+from conftest import ROOT, TINY, cli_args, run_cli, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +36,8 @@ def no_dropout_bert(tmp_path_factory, tiny_model):
     return str(path)
 
 
-def _cfg(tmp_path, model, data, **kw):
-    base = dict(model=model, dataset=data, cache_dir=str(tmp_path / "cache"), runs_dir=str(tmp_path / "runs"),
-                max_length=64, batch_size=8, eval_batch_size=16, precompute_batch_size=16, epochs=1,
-                cache_dtype="float32", checkpoint_every=-1)
-    base.update(kw)
-    return make_config(**base)
+def _cfg(tmp_path, model, data, **kw):  # fp32 cache: exact comparisons; no checkpoints: fast
+    return tiny_cfg(tmp_path, model, data, **{"cache_dtype": "float32", "checkpoint_every": -1, **kw})
 
 
 @pytest.mark.parametrize("model_type", ["bert", "distilbert", "electra"])
@@ -122,10 +117,10 @@ def _reference(cfg, path, model_path):
                                       dict(stages="3,2,1", layer_lr_decay=0.8)],
                          ids=["head-only", "top-2-discriminative-lr", "gradual-unfreezing"])
 def test_strategies_equal_requires_grad_on_the_full_model(tmp_path, no_dropout_bert, small_csv, strategy):
-    cfg = _cfg(tmp_path, no_dropout_bert, small_csv, lr=1e-3, run_name="ours", **strategy)
+    cfg = _cfg(tmp_path, no_dropout_bert, small_csv, lr=1e-3, run_name="ours", save_last=True, **strategy)
     path = precompute(cfg)
     train(cfg)
-    ours = load_file(tmp_path / "runs" / "ours" / "top.safetensors")
+    ours = load_file(tmp_path / "runs" / "ours" / "top_last.safetensors")  # the last weights (top = the best)
     ref = _reference(cfg, path, no_dropout_bert).state_dict()
     d = cfg.stage_depths()[-1]
     original = AutoModelForSequenceClassification.from_pretrained(no_dropout_bert).state_dict()
@@ -184,22 +179,27 @@ def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_mo
                                 "grids": [{"k": [3, 1], "seed": [1, 2]}, {"stages": ["3,2"], "seed": [1, 2]}]}))
     opts = cli_args(dict(model=tiny_model(), dataset=small_csv, cache_dir=tmp_path / "cache",
                          runs_dir=tmp_path / "runs", max_length=64, batch_size=8, precompute_batch_size=16))
-    out = run_cli("sweep", "--grid", grid, *opts).stdout
-    assert "sweep tiny: 6 runs from 1 cache(s)" in out and "precompute done" in out
+    out = run_cli("sweep", "--grid", grid, "--jobs", "2", *opts).stdout  # two runs at a time, own processes
+    assert "sweep tiny: 6 runs from 1 cache(s), 2 at a time" in out and "precompute done" in out
+    assert out.count(": done in") == 6 and "(job 2," in out
     d = tmp_path / "runs" / "tiny"
     import csv
 
     rows = list(csv.DictReader(open(d / "results.csv")))
     assert len(rows) == 6 and list(rows[0])[:3] == ["run", "strategy", "trainable_blocks"]
     assert {r["strategy"] for r in rows} == {"head only", "top 2 blocks", "gradual 3,2"}
-    assert all(0 <= float(r["final_accuracy"]) <= float(r["best_accuracy"]) <= 1 for r in rows)
+    assert all(0 <= float(r["last_accuracy"]) <= float(r["val_accuracy"]) <= 1 for r in rows)  # best by accuracy
+    picked = [r for r in rows if r["pick"] == "best"]
+    assert len(picked) == 1 and float(picked[0]["val_accuracy"]) == max(float(r["val_accuracy"]) for r in rows)
     md = (d / "results.md").read_text()
     assert "| [k=3_seed=1](k=3_seed=1) | head only | 0 |" in md and "| gradual 3,2 | 1 |" in md
+    hint = f"python -m pipeline evaluate --run {d / picked[0]['run']} --split test"
+    assert hint in md and hint in out and "test_acc" not in out  # validation picks; test metrics never printed
     assert (d / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
         assert (d / row["run"] / "results.json").exists() and (d / row["run"] / "top.safetensors").exists()
     again = run_cli("sweep", "--grid", grid, *opts).stdout
-    assert again.count("finished earlier, skipped") == 6 and "is up to date" in again
+    assert again.count("finished earlier, skipped") == 6 and "is up to date" in again and hint in again
 
 
 def test_tensorboard_tracking(tmp_path, tiny_model, small_csv):

@@ -21,16 +21,13 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import exclusive_lock
 from pipeline.precompute import precompute
 
-from conftest import ROOT, cache_arrays, cli_args, committed_examples, run_cli, tiny_cfg
+from conftest import ROOT, cache_arrays, cli_args, committed_examples, options, run_cli, tiny_cfg
 
 N_BIG = 1200  # enough tiny-model batches (size 2) for a kill to land mid-run
 
 
-def _big(tmp_path, model, dataset, sub="cache", **kw):
-    base = dict(model=model, dataset=dataset, cache_dir=str(tmp_path / sub), runs_dir=str(tmp_path / "runs"), k=1,
-                max_length=64, precompute_batch_size=2, commit_seconds=0)
-    base.update(kw)
-    return base
+def _big(tmp_path, model, dataset, sub="cache", **kw):  # many small batches, each committed: kills land mid-run
+    return options(tmp_path, model, dataset, sub, **{"precompute_batch_size": 2, "commit_seconds": 0, **kw})
 
 
 def _popen_cli(*args):
@@ -287,9 +284,11 @@ def _checkpoints(run_dir):
 def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, corpus_csv):
     from safetensors.torch import load_file
 
+    # evaluation every 20 steps, the best by validation loss, early stopping after 8 evaluations without a better
+    # one: the resumed run must agree with the uninterrupted one on all of it
     base = dict(model=tiny_model(), dataset=corpus_csv(N_BIG), cache_dir=str(tmp_path / "cache"),
                 runs_dir=str(tmp_path / "runs"), k=1, max_length=64, batch_size=8, epochs=2, lr=1e-3,
-                checkpoint_every=5)
+                checkpoint_every=5, eval_every=20, metric_for_best="loss", early_stopping_patience=8, save_last=True)
     precompute(make_config(**base))
     opts = cli_args(base)
     ref = run_cli("train", *opts, "--run-name", "ref").stdout.strip().splitlines()[-1]
@@ -315,11 +314,18 @@ def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, cor
     resumed = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout
     assert f"epoch 2, step {state['step']}, {state['batches_done']} batches of the epoch done" in resumed
     assert resumed.strip().splitlines()[-1] == ref  # same final metrics
-    a, b = load_file(tmp_path / "runs" / "ref" / "top.safetensors"), load_file(run / "top.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    for top in ("top.safetensors", "top_last.safetensors"):  # the best and the last weights
+        a, b = load_file(tmp_path / "runs" / "ref" / top), load_file(run / top)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=f"{top} {name}")
     records = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["epoch"] for r in records] == [1, 2]  # the interrupted epoch is recorded once
+    ref_records = [json.loads(line) for line in open(tmp_path / "runs" / "ref" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [r["step"] for r in ref_records]  # each evaluation recorded once
+    assert [r["step"] for r in records][:6] == [20, 40, 60, 80, 100, 120]
+    for r, q in zip(records, ref_records):
+        assert r["best"] == q["best"] and r["val_loss"] == pytest.approx(q["val_loss"], abs=1e-5)
+    res, ref_res = (json.load(open(d / "results.json")) for d in (run, tmp_path / "runs" / "ref"))
+    assert res["best"]["step"] == ref_res["best"]["step"] and res["stopped_early"] == ref_res["stopped_early"]
     assert not (run / "checkpoints").exists()  # removed once the run finished
 
     done = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout

@@ -21,7 +21,7 @@ from pipeline.config import PACKAGED_MINILM
 from pipeline.model import resolve_model_path
 from pipeline.precompute import precompute
 
-from conftest import ROOT, TINY, cache_arrays, cli_args, committed_examples, run_cli, tiny_cfg
+from conftest import ROOT, TINY, cache_arrays, cli_args, committed_examples, options, run_cli, tiny_cfg
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun gives each process one thread: the reference runs alike
 
@@ -69,6 +69,7 @@ def test_memmap_batches_equal_the_stored_arrays(tmp_path, tiny_model, small_csv)
         assert torch.equal(a["inputs_embeds"], b["inputs_embeds"]) and torch.equal(a["labels"], b["labels"])
 
 
+@pytest.mark.fast
 def test_batch_order_is_transformers_length_grouped_order():
     lengths = np.random.default_rng(0).integers(1, 60, size=1000)
     lengths[123] = 500  # one longest example: outside the first megabatch for most seeds, so it is swapped first
@@ -85,8 +86,8 @@ def test_batch_order_is_transformers_length_grouped_order():
 
 
 def _opts(tmp_path, model, data, sub="cache", **kw):
-    return dict(model=model, dataset=data, cache_dir=str(tmp_path / sub), runs_dir=str(tmp_path / "runs"), k=1,
-                depths="0,1", max_length=64, precompute_batch_size=4, commit_seconds=0, **kw)
+    return options(tmp_path, model, data, sub, **{"depths": "0,1", "precompute_batch_size": 4, "commit_seconds": 0,
+                                                  **kw})
 
 
 def test_two_process_precompute_equals_one_and_a_killed_rank_resumes(tmp_path, tiny_model, corpus_csv):

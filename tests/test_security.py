@@ -6,6 +6,7 @@ import re
 import signal
 import time
 
+import pytest
 
 from pipeline import make_config
 from pipeline.precompute import precompute
@@ -23,6 +24,7 @@ class _Evil:
         return (exec, (MARKER_CODE.format(path=self.marker),))
 
 
+@pytest.mark.fast
 def test_package_never_unpickles_or_evals():
     """Static guard over the package: every torch.load (none today) must pass weights_only=True; no pickle/eval."""
     for name in sorted(os.listdir(os.path.join(ROOT, "pipeline"))):

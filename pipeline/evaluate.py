@@ -1,0 +1,107 @@
+"""Score a finished run: a cached split (test by default) through the run's top alone, or an external labeled file
+through the frozen bottom + top. Metrics with bootstrap 95% confidence intervals, written into the run directory."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .cache import CachedSplit, open_cache
+from .config import Config
+from .errors import PipelineError
+from .metrics import compute_metrics, confidence_intervals
+from .model import load_top
+from .rundir import CONFIG, TOP, RunDir
+from .train import make_loader, predictions
+
+
+def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, overrides: dict | None = None,
+                 resamples: int = 1000, batch_size: int | None = None) -> dict:
+    run = RunDir(run_dir)
+    cfg = run.config()
+    run.results()  # a finished run, with a clear message otherwise
+    if batch_size:
+        cfg = replace(cfg, eval_batch_size=batch_size)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    if dataset is None:
+        name, (preds, labels, losses) = split, _cached(run, cfg, split, device)
+    else:
+        cfg = replace(cfg, dataset=dataset, split="train", max_examples=0, **(overrides or {}))
+        name, (preds, labels, losses) = cfg.data_name(), _external(run, cfg, device)
+    metrics = compute_metrics(cfg.task, preds, labels, losses)
+    ci = confidence_intervals(cfg.task, preds, labels, resamples=resamples)
+    result = {"split": split if dataset is None else None, "dataset": dataset, "examples": int(len(labels)),
+              "metrics": metrics, "ci95": ci, "bootstrap_resamples": resamples, "run": run.path,
+              "best_step": run.results()["best"]["step"]}
+    path = run.write_eval(name, result)
+    what = f"{split} split of the cache" if dataset is None else dataset
+    print(f"evaluated {run.path} on the {what}: {len(labels)} examples -> {path}")
+    print(" ".join(f"{k}={v:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
+                   for k, v in metrics.items()) + "  (95% bootstrap CI)")
+    return result
+
+
+def _top(run: RunDir, cfg: Config, info) -> tuple[torch.nn.Module, int]:
+    """The run's result (top.safetensors: the best evaluation) at its depth, on the frozen weights it was trained on."""
+    top_file = run.file(TOP)
+    with safe_open(top_file, "pt") as st:
+        k = int(st.metadata()["k"])
+    model, digest = load_top(replace(cfg, k=k, stages="", depths=""), info.num_labels, info.label_names)
+    if digest != info.weights_sha256[k]:
+        raise PipelineError(f"the frozen weights of {cfg.model!r} changed since {run.path} was trained; its top "
+                            f"would sit on other layers. Evaluate with the model the run was trained with.")
+    model.load_state_dict(load_file(top_file))
+    return model.eval(), k
+
+
+def _cached(run: RunDir, cfg: Config, split: str, device):
+    path = run.read_json(CONFIG)["cache"]
+    if not os.path.isfile(path):
+        raise PipelineError(f"the cache {path} that {run.path} was trained from is gone; rebuild it with the run's "
+                            f"options (`make precompute` with its config.json), or score a file with --dataset.")
+    info = open_cache(path, cfg)
+    if split not in info.splits:
+        why = " (the run's test_fraction is 0)" if split == "test" and cfg.test_fraction == 0 else ""
+        raise PipelineError(f"cache {path} has no {split!r} split{why}; it holds {sorted(info.splits)}. Choose one "
+                            f"of those with --split, or score a labeled file with --dataset.")
+    model, k = _top(run, cfg, info)
+    loader = make_loader(CachedSplit(path, split, k), cfg, False, False, torch.Generator())
+    return predictions(model.to(device), _on(loader, device), None, cfg.task)
+
+
+def _on(loader, device):
+    for batch in loader:
+        yield {n: t.to(device) for n, t in batch.items()}
+
+
+def _external(run: RunDir, cfg: Config, device):
+    """Tokenise the file like precompute did and run the merged model (frozen bottom + the run's top)."""
+    from .data import load_for_eval
+    from .export import merged_model
+
+    model, tokenizer, _ = merged_model(run.path)
+    label_names = run.read_json(CONFIG)["label_names"]
+    ds, labels = load_for_eval(cfg, label_names if cfg.task == "classification" else None)
+    model = model.to(device)
+    preds, losses = [], []
+    with torch.inference_mode():
+        for start in range(0, len(ds), cfg.eval_batch_size):
+            rows = ds[start:start + cfg.eval_batch_size]
+            pair = rows[cfg.text_pair_column] if cfg.text_pair_column else None
+            enc = tokenizer(rows[cfg.text_column], pair, truncation=True, max_length=cfg.max_length, padding=True,
+                            return_tensors="pt").to(device)
+            logits = model(**enc).logits.float()
+            y = torch.from_numpy(labels[start:start + len(logits)]).to(device)
+            if cfg.task == "regression":
+                p = logits.squeeze(-1)
+                loss = (p - y.float()) ** 2
+            else:
+                p = logits.argmax(-1)
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            preds.append(p.cpu())
+            losses.append(loss.cpu())
+    return torch.cat(preds).numpy(), labels, torch.cat(losses).numpy()

@@ -1,0 +1,165 @@
+"""Pure unit tests (`make test-fast`): config validation, labels, splits, formats, grid expansion, carry-over,
+trainer state, metrics. No model forward, no subprocess; each runs in well under a second."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import make_config
+from pipeline.cli import build_parser, config_from_args
+from pipeline.config import literal_choices
+from pipeline.data import _read_labels, file_format, load_for_eval, split_indices
+from pipeline.errors import PipelineError
+from pipeline.metrics import compute_metrics, confidence_intervals
+from pipeline.model import carry_over
+from pipeline.rundir import TrainerState
+from pipeline.sweep import grid_points, pick_best, slug
+
+pytestmark = pytest.mark.fast
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(PipelineError) as e:
+        make_config(task="ranking", cache_dtype="int8", lr=0, epochs=0, metric_for_best="pearson",
+                    early_stopping_patience=-1)
+    msg = str(e.value)
+    for part in ("task='ranking' must be one of: classification, regression", "cache_dtype='int8' must be one of",
+                 "lr=0 must be > 0", "epochs=0", "early_stopping_patience=-1"):
+        assert part in msg, part
+    with pytest.raises(PipelineError, match="metric_for_best='pearson' does not apply to task='classification'"):
+        make_config(metric_for_best="pearson")
+    with pytest.raises(PipelineError, match="metric_for_best='accuracy' does not apply to task='regression'"):
+        make_config(task="regression", metric_for_best="accuracy")
+
+
+def test_literal_fields_give_argparse_choices_and_best_metric_direction():
+    choices = literal_choices()
+    assert choices["task"] == ("classification", "regression") and "tsv" in choices["dataset_format"]
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--metric-for-best", "auc"])
+    args = parser.parse_args(["train", "--metric-for-best", "loss", "--dataset-format", "tsv"])
+    cfg = config_from_args(args)
+    assert cfg.best_metric() == ("loss", False) and cfg.dataset_format == "tsv"
+    assert make_config().best_metric() == ("accuracy", True)
+    assert make_config(task="regression").best_metric() == ("mse", False)
+    assert make_config(task="regression", metric_for_best="pearson").best_metric() == ("pearson", True)
+
+
+def test_cache_names_start_with_the_data(tmp_path):
+    f = tmp_path / "My Reviews.tsv.gz"
+    f.write_bytes(b"")
+    assert make_config().cache_path().startswith("cache/default-k4-float16-")
+    assert make_config(dataset=str(f)).cache_path().startswith("cache/My-Reviews-k4-")
+    assert make_config(dataset="glue/mrpc").cache_path().startswith("cache/glue-mrpc-k4-")
+    assert make_config(dataset=str(f)).cache_path() != make_config(dataset=str(f), dataset_format="csv").cache_path()
+
+
+def test_file_format_by_option_extension_or_sniffing(tmp_path):
+    def fmt(name, text, **kw):
+        p = tmp_path / name
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return file_format(make_config(dataset=str(p), **kw))
+
+    assert fmt("a.tsv", "x") == "tsv" and fmt("a.jsonl", "x") == "json" and fmt("a.csv.bz2", "x") == "csv"
+    assert fmt("pairs.txt", 'Quality\t#1 String\t#2 String\n1\the said "no, never\tok\n') == "tsv"
+    assert fmt("rows.dat", "text,label\nhi,1\n") == "csv"
+    assert fmt("rows.txt", '{"text": "a", "label": 1}\n') == "json"
+    assert fmt("t.bin", b"PAR1\x00\x00") == "parquet"
+    assert fmt("forced.txt", "text,label\n", dataset_format="tsv") == "tsv"
+    with pytest.raises(PipelineError, match="--dataset-format csv|tsv|json|parquet"):
+        fmt("prose.txt", "one line of prose\n")
+    assert file_format(make_config(dataset="glue/mrpc")) is None  # not a file: the Hub loader
+
+
+def _ds(values, column="label"):
+    import datasets
+
+    return datasets.Dataset.from_dict({column: values})
+
+
+def test_labels_strings_ints_and_errors():
+    ids, names = _read_labels(_ds(["rotten", "fresh", "rotten"]), make_config(label_column="label"))
+    assert ids.tolist() == [1, 0, 1] and names == ["fresh", "rotten"]
+    ids, names = _read_labels(_ds([2, 0, 1]), make_config(label_column="label"))
+    assert ids.tolist() == [2, 0, 1] and names == ["0", "1", "2"]
+    with pytest.raises(PipelineError, match="non-integer floats; use --task regression"):
+        _read_labels(_ds([0.5, 1.5]), make_config(label_column="label"))
+    with pytest.raises(PipelineError, match="missing"):
+        _read_labels(_ds(["a", None]), make_config(label_column="label"))
+
+
+def test_external_labels_map_onto_the_runs_classes(tmp_path):
+    p = tmp_path / "test.csv"
+    p.write_text("text,label\nnice,rotten\ngood,rotten\nbad,fresh\n")
+    cfg = make_config(dataset=str(p), label_column="label", exclude_labels=None)
+    _, ids = load_for_eval(cfg, ["rotten", "fresh", "plot"])  # the run's own order, not the file's
+    assert ids.tolist() == [0, 0, 1]
+    with pytest.raises(PipelineError, match=r"labels \['fresh'\] .* are not classes of the run"):
+        load_for_eval(cfg, ["rotten", "meh"])
+
+
+def test_split_is_stratified_fixed_and_disjoint():
+    labels = np.array([0] * 80 + [1] * 20)
+    cfg = make_config(val_fraction=0.1, test_fraction=0.1)
+    a, b = split_indices(labels, cfg), split_indices(labels, cfg)
+    assert all(np.array_equal(a[s], b[s]) for s in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))
+    assert labels[a["validation"]].sum() == 2 and labels[a["test"]].sum() == 2
+
+
+def test_grid_points_union_without_duplicates_and_slugs():
+    points = grid_points([{"k": [6, 5], "seed": [1, 2]}, {"k": [6], "seed": [1]}, {"stages": ["6,5"]}])
+    assert points == [{"k": 6, "seed": 1}, {"k": 6, "seed": 2}, {"k": 5, "seed": 1}, {"k": 5, "seed": 2},
+                      {"stages": "6,5"}]
+    assert slug({"stages": "6,5,4", "lr": 1e-3}) == "lr=0.001_stages=6-5-4"
+
+
+def test_pick_best_uses_the_metric_direction():
+    rows = [{"val_accuracy": 0.8, "val_loss": 0.5}, {"val_accuracy": 0.9, "val_loss": 0.6},
+            {"val_accuracy": float("nan"), "val_loss": 0.4}]
+    assert pick_best(rows, make_config()) == 1
+    assert pick_best(rows, make_config(metric_for_best="loss")) == 2
+
+
+def test_trainer_state_round_trip_and_improvement_rule():
+    cfg = make_config(metric_for_best="loss")
+    s = TrainerState(epoch=3, step=40, batches_done=7, loss_sum=1.5, tokens=900, seconds=2.0)
+    assert s.improved(cfg, {"loss": 0.7})
+    s.best_metrics = {"loss": 0.7}
+    assert s.improved(cfg, {"loss": 0.6}) and not s.improved(cfg, {"loss": 0.7})
+    assert not s.improved(make_config(), {"accuracy": 0.5}) or s.best_metrics.get("accuracy") is None
+    assert TrainerState.from_json(s.to_json()) == s
+    s.next_epoch(4)
+    assert (s.epoch, s.batches_done, s.tokens, s.total_seconds) == (4, 0, 0, 2.0)
+    nan = TrainerState(best_metrics={"accuracy": float("nan")})
+    assert nan.improved(make_config(), {"accuracy": 0.1})  # a NaN best is replaced by any number
+
+
+def test_carry_over_shifts_layers_and_refuses_misfits():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    small = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=8, vocab_size=10))
+    big = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+                                                   intermediate_size=8, vocab_size=10))
+    top = {n: t for n, t in small.state_dict().items() if "embeddings" not in n}
+    carry_over(top, big, shift=2, frozen_missing=True)
+    assert torch.equal(big.state_dict()["bert.encoder.layer.2.output.dense.weight"],
+                       small.state_dict()["bert.encoder.layer.0.output.dense.weight"])
+    with pytest.raises(PipelineError, match="does not fit"):
+        carry_over(top, big, shift=1)  # layer 0 of big would be missing without being expected
+
+
+def test_metrics_and_bootstrap_intervals():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    p = np.where(rng.random(400) < 0.75, y, 1 - y)
+    m = compute_metrics("classification", p, y, losses=np.full(400, 0.5))
+    ci = confidence_intervals("classification", p, y, resamples=200)
+    assert m["loss"] == 0.5 and ci["accuracy"][0] < m["accuracy"] < ci["accuracy"][1]
+    assert 0.03 < ci["accuracy"][1] - ci["accuracy"][0] < 0.15  # about 4 standard errors of a proportion
+    t = rng.random(200)
+    r = compute_metrics("regression", t + rng.normal(0, 0.1, 200), t)
+    assert set(r) == {"mse", "pearson", "spearman"} and r["pearson"] > 0.9
+    assert confidence_intervals("classification", p, y, resamples=200) == ci  # a fixed seed
