@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -16,7 +15,7 @@ from .errors import PipelineError
 from .metrics import compute_metrics, confidence_intervals
 from .model import load_top
 from .rundir import CONFIG, TOP, RunDir
-from .train import make_loader, predictions
+from .train import make_loader, predictions, score
 
 
 def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, overrides: dict | None = None,
@@ -94,14 +93,8 @@ def _external(run: RunDir, cfg: Config, device):
             pair = rows[cfg.text_pair_column] if cfg.text_pair_column else None
             enc = tokenizer(rows[cfg.text_column], pair, truncation=True, max_length=cfg.max_length, padding=True,
                             return_tensors="pt").to(device)
-            logits = model(**enc).logits.float()
-            y = torch.from_numpy(labels[start:start + len(logits)]).to(device)
-            if cfg.task == "regression":
-                p = logits.squeeze(-1)
-                loss = (p - y.float()) ** 2
-            else:
-                p = logits.argmax(-1)
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            logits = model(**enc).logits
+            p, loss = score(logits, torch.from_numpy(labels[start:start + len(logits)]).to(device), cfg.task)
             preds.append(p.cpu())
             losses.append(loss.cpu())
     return torch.cat(preds).numpy(), labels, torch.cat(losses).numpy()

@@ -73,12 +73,7 @@ def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.n
         for batch in loader:
             logits = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"]).logits
             y = batch["labels"]
-            if task == "regression":
-                p = logits.squeeze(-1).float()
-                loss = (p - y.float()) ** 2
-            else:
-                p = logits.argmax(-1)
-                loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+            p, loss = score(logits, y, task)
             if accelerator is not None:
                 p, y, loss = accelerator.gather_for_metrics((p, y, loss))
             preds.append(p)
@@ -88,6 +83,15 @@ def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.n
                 release_heap()
     model.train()
     return tuple(torch.cat(t).cpu().numpy() for t in (preds, refs, losses))
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, per-example loss): argmax and cross-entropy, or the value and its squared error."""
+    logits = logits.float()
+    if task == "regression":
+        p = logits.squeeze(-1)
+        return p, (p - labels.float()) ** 2
+    return logits.argmax(-1), torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
 def evaluate(model, loader, accelerator, task: str) -> dict:
@@ -162,8 +166,8 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
         state.next_epoch(stage.last_epoch(cfg) + 1)  # a resumed epoch's progress is used up
         prev = s.accelerator.unwrap_model(stage.model)
         if state.stopped_early:
-            s.accelerator.print(f"early stopping: {cfg.early_stopping_patience} evaluations without a better "
-                                f"validation {cfg.best_metric()[0]}")
+            s.accelerator.print(f"early stopping: {cfg.early_stopping_patience} evaluation(s) in a row without a "
+                                f"better validation {cfg.best_metric()[0]}")
             break
     return save_result(s, stage, state, prev)
 

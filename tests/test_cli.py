@@ -122,7 +122,11 @@ def test_regression_jsonl_and_text_pair_parquet(tmp_path, tiny_model):
     info = open_cache(precompute(cfg), cfg)
     assert info.num_labels == 1 and info.label_names is None
     result = train(cfg)
-    assert set(result) >= {"mse", "pearson"} and result["mse"] >= 0
+    assert set(result) >= {"mse", "pearson", "spearman"} and result["mse"] >= 0
+    texts = ["A gripping, beautifully acted film.", "Flat, dull and far too long."]
+    lines = run_cli("predict", "--model-dir", tmp_path / "runs" / "reg", *texts).stdout.splitlines()
+    assert [line.split("\t")[1] for line in lines] == texts  # one value per prediction, then the text
+    assert all(float(line.split("\t")[0]) == float(line.split("\t")[0]) for line in lines)
 
     pq = tmp_path / "pairs.parquet"
     pd.DataFrame({"premise": [r["text"] for r in rows], "hypothesis": [r["text"][::-1] for r in rows],
