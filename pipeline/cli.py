@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "column options default to the run's")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write <run>/predictions_<split or file>.csv: example, label, prediction, loss")
     _config_options(p.add_argument_group("options for --dataset (default: the run's)"), EVAL_DATA_OPTIONS)
     p = sub.add_parser("export", help="merge the frozen bottom and a run's trained top into one Hugging Face folder")
     p.add_argument("--run", required=True, help="run directory (cache/runs/<name>)")
@@ -158,7 +160,8 @@ def main(argv=None) -> None:
             if overrides and not args.dataset:
                 raise PipelineError(f"--{', --'.join(n.replace('_', '-') for n in overrides)} only apply with "
                                     f"--dataset FILE.")
-            evaluate_run(args.run, args.split, args.dataset, overrides, args.resamples, args.batch_size)
+            evaluate_run(args.run, args.split, args.dataset, overrides, args.resamples, args.batch_size,
+                         args.save_predictions)
             return
         cfg = config_from_args(args)
         if args.command == "precompute":

@@ -47,7 +47,8 @@ class Config:
     empty_texts: Literal["drop", "error"] = opt("drop", "rows whose text is empty or whitespace only: drop (with a "
                                                         "count) | error")
     max_examples: int = opt(0, "if > 0, a fixed-seed random subset of this many rows (after exclude_labels)")
-    task: Literal["classification", "regression"] = opt("classification", "classification | regression (num_labels=1, MSE loss)")
+    task: Literal["classification", "regression"] = opt("classification", "classification | regression "
+                                                                          "(num_labels=1, MSE loss)")
     val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
     test_fraction: float = opt(0.1, "test share kept aside, never used for training or model selection")
     split_seed: int = opt(42, "seed of the train/validation/test split")
@@ -175,7 +176,8 @@ class Config:
     # Fields that determine the cache contents (plus cache_depths()); a cache is valid for a config iff these match.
     CACHE_FIELDS = (
         "model", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
-        "dataset_format", "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task",
+        "dataset_format", "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts",
+        "max_examples", "task",
         "val_fraction",
         "test_fraction", "split_seed", "max_length", "cache_dtype",
     )

@@ -2,9 +2,11 @@
 through the frozen bottom + top. Metrics with bootstrap 95% confidence intervals, written into the run directory."""
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import replace
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ from .train import make_loader, predictions, score
 
 
 def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, overrides: dict | None = None,
-                 resamples: int = 1000, batch_size: int | None = None) -> dict:
+                 resamples: int = 1000, batch_size: int | None = None, save_predictions: bool = False) -> dict:
     run = RunDir(run_dir)
     cfg = run.config()
     run.results()  # a finished run, with a clear message otherwise
@@ -27,21 +29,36 @@ def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, 
         cfg = replace(cfg, eval_batch_size=batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     if dataset is None:
-        name, (preds, labels, losses) = split, _cached(run, cfg, split, device)
+        name, (preds, labels, losses, ids) = split, _cached(run, cfg, split, device)
     else:
         cfg = replace(cfg, dataset=dataset, split="train", max_examples=0, **(overrides or {}))
-        name, (preds, labels, losses) = cfg.data_name(), _external(run, cfg, device)
+        name, (preds, labels, losses, ids) = cfg.data_name(), _external(run, cfg, device)
     metrics = compute_metrics(cfg.task, preds, labels, losses)
     ci = confidence_intervals(cfg.task, preds, labels, resamples=resamples)
     result = {"split": split if dataset is None else None, "dataset": dataset, "examples": int(len(labels)),
               "metrics": metrics, "ci95": ci, "bootstrap_resamples": resamples, "run": run.path,
               "best_step": run.results()["best"]["step"]}
     path = run.write_eval(name, result)
+    if save_predictions:
+        names = run.read_json(CONFIG)["label_names"] if cfg.task == "classification" else None
+        out = _write_predictions(run.file(f"predictions_{name}.csv"), ids, labels, preds, losses, names)
+        print(f"per-example predictions -> {out}")
     what = f"{split} split of the cache" if dataset is None else dataset
     print(f"evaluated {run.path} on the {what}: {len(labels)} examples -> {path}")
     print(" ".join(f"{k}={v:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
                    for k, v in metrics.items()) + "  (95% bootstrap CI)")
     return result
+
+
+def _write_predictions(path: str, ids, labels, preds, losses, names: list | None) -> str:
+    """One row per example, in example order: its row in the data, the label, the prediction and its loss."""
+    order = np.argsort(ids, kind="stable")
+    show = (lambda v: names[int(v)]) if names else (lambda v: repr(float(v)))
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["example", "label", "prediction", "loss"])
+        w.writerows([int(ids[i]), show(labels[i]), show(preds[i]), f"{float(losses[i]):.9g}"] for i in order)
+    return path
 
 
 def _top(run: RunDir, cfg: Config, info) -> tuple[torch.nn.Module, int]:
@@ -68,8 +85,9 @@ def _cached(run: RunDir, cfg: Config, split: str, device):
         raise PipelineError(f"cache {path} has no {split!r} split{why}; it holds {sorted(info.splits)}. Choose one "
                             f"of those with --split, or score a labeled file with --dataset.")
     model, k = _top(run, cfg, info)
-    loader = make_loader(CachedSplit(path, split, k), cfg, False, False, torch.Generator())
-    return predictions(model.to(device), _on(loader, device), None, cfg.task)
+    ds = CachedSplit(path, split, k)
+    loader = make_loader(ds, cfg, False, False, torch.Generator())  # storage order: example_ids line up
+    return (*predictions(model.to(device), _on(loader, device), None, cfg.task), ds.example_ids)
 
 
 def _on(loader, device):
@@ -97,4 +115,4 @@ def _external(run: RunDir, cfg: Config, device):
             p, loss = score(logits, torch.from_numpy(labels[start:start + len(logits)]).to(device), cfg.task)
             preds.append(p.cpu())
             losses.append(loss.cpu())
-    return torch.cat(preds).numpy(), labels, torch.cat(losses).numpy()
+    return torch.cat(preds).numpy(), labels, torch.cat(losses).numpy(), np.arange(len(labels))

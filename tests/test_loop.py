@@ -1,6 +1,7 @@
 """The experiment loop: best evaluation kept, early stopping, evaluation every N steps, `evaluate` on cached and
 external data with confidence intervals, a tab-separated .txt pair corpus end to end, predict on pairs and
 regression, no lock files left, world-readable exports. Real tiny models, real files, the real CLI."""
+import csv
 import json
 import os
 import stat
@@ -78,7 +79,7 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
     assert got["metrics"]["accuracy"] == best["val_accuracy"] and got["metrics"]["loss"] == pytest.approx(
         best["val_loss"], abs=1e-5) and "95% bootstrap CI" in val
     # the cached test split, with confidence intervals
-    run_cli("evaluate", "--run", run.path)
+    run_cli("evaluate", "--run", run.path, "--save-predictions")
     test = json.load(open(run.file("eval_test.json")))
     assert test["examples"] == len(test_ids) == 30 and test["split"] == "test"
     for name in ("accuracy", "f1"):
@@ -87,10 +88,18 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
     # the same rows as an external file go through the bottom + top: the same predictions
     all_rows = _pair_rows(0, 300)
     same = _write_tsv(tmp_path / "same_as_test.txt", [all_rows[i] for i in test_ids])
-    run_cli("evaluate", "--run", run.path, "--dataset", same)
+    run_cli("evaluate", "--run", run.path, "--dataset", same, "--save-predictions")
     ext = json.load(open(run.file("eval_same_as_test.json")))
     assert ext["metrics"]["accuracy"] == test["metrics"]["accuracy"] and ext["examples"] == 30
     assert ext["metrics"]["loss"] == pytest.approx(test["metrics"]["loss"], abs=1e-6), (ext, test)
+    # example by example: file row j is cached example test_ids[j]
+    cached = {int(r["example"]): r for r in csv.DictReader(open(run.file("predictions_test.csv")))}
+    direct = list(csv.DictReader(open(run.file("predictions_same_as_test.csv"))))
+    assert [int(r["example"]) for r in direct] == list(range(30)) and sorted(cached) == sorted(test_ids.tolist())
+    for j, r in enumerate(direct):
+        c = cached[int(test_ids[j])]
+        assert (r["label"], r["prediction"]) == (c["label"], c["prediction"]) and r["label"] in ("0", "1")
+        assert float(r["loss"]) == pytest.approx(float(c["loss"]), abs=1e-6), (j, r, c)
     out = run_cli("evaluate", "--run", run.path, "--dataset", test_file).stdout  # the "official" test file
     assert "40 examples" in out and os.path.exists(run.file("eval_pairs_test.json"))
     bad = run_cli("evaluate", "--run", run.path, "--label-column", "x", check=False)
