@@ -201,10 +201,9 @@ class Config:
         (`reviews` for data/reviews.tsv.gz, `glue-mrpc` for the Hub's glue/mrpc)."""
         if self.dataset == PRESETS.get(self.preset, {}).get("dataset", DEFAULT_DATA):
             return self.preset
-        name = os.path.basename(self.dataset.rstrip("/\\")) if os.path.exists(self.dataset) else self.dataset
-        for ext in (".bz2", ".gz", ".xz", ".zst"):
-            name = name[: -len(ext)] if name.endswith(ext) else name
-        name = os.path.splitext(name)[0] if os.path.exists(self.dataset) else name
+        name = self.dataset
+        if os.path.exists(name):  # a local file or folder: its name without extensions
+            name = os.path.splitext(strip_compression(os.path.basename(name.rstrip("/\\")))[0])[0]
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "data"
 
     @classmethod
@@ -214,6 +213,17 @@ class Config:
         if unknown:
             raise PipelineError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+
+COMPRESSION = (".bz2", ".gz", ".xz", ".zst")  # suffixes datasets decompresses by itself
+
+
+def strip_compression(path: str) -> tuple[str, str | None]:
+    """(path without its compression suffix, the suffix or None)."""
+    for ext in COMPRESSION:
+        if path.endswith(ext):
+            return path[: -len(ext)], ext
+    return path, None
 
 
 def literal_choices() -> dict:

@@ -15,20 +15,12 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .config import Config
+from .config import Config, strip_compression
 from .errors import PipelineError, first_line, offline_reason
 from .memory import release_heap
 
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_COMPRESSION = {".bz2": "bz2", ".gz": "gzip", ".xz": "lzma"}
-_OPEN = {"bz2": bz2.open, "gzip": gzip.open, "lzma": lzma.open}
-
-
-def _strip_compression(path: str) -> tuple[str, str | None]:
-    for ext, module in _COMPRESSION.items():
-        if path.endswith(ext):
-            return path[: -len(ext)], module
-    return path, None
+_OPEN = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}  # to sniff a compressed file's first bytes
 
 
 def file_format(cfg: Config) -> str | None:
@@ -37,7 +29,7 @@ def file_format(cfg: Config) -> str | None:
     path = cfg.dataset
     if cfg.dataset_format != "auto":
         return cfg.dataset_format
-    base, _ = _strip_compression(path)
+    base, _ = strip_compression(path)
     fmt = _FORMATS.get(os.path.splitext(base)[1].lower())
     if fmt is None and os.path.isfile(path):
         fmt = _sniff(path)
@@ -47,9 +39,9 @@ def file_format(cfg: Config) -> str | None:
 def _sniff(path: str) -> str:
     """The format of a file with a .txt or unknown extension: parquet by its magic bytes, JSON (lines) by a leading
     { or [, else tab- or comma-separated by its header line."""
-    _, compression = _strip_compression(path)
+    _, compression = strip_compression(path)
     try:
-        with (_OPEN[compression] if compression else open)(path, "rb") as fh:
+        with _OPEN.get(compression, open)(path, "rb") as fh:
             head = fh.read(1 << 16)
     except (OSError, EOFError) as e:
         raise PipelineError(f"cannot read dataset {path!r}: {e}") from None

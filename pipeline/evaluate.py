@@ -24,7 +24,7 @@ def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, 
                  resamples: int = 1000, batch_size: int | None = None, save_predictions: bool = False) -> dict:
     run = RunDir(run_dir)
     cfg = run.config()
-    run.results()  # a finished run, with a clear message otherwise
+    results = run.results()  # a finished run, with a clear message otherwise
     if batch_size:
         cfg = replace(cfg, eval_batch_size=batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, 
     ci = confidence_intervals(cfg.task, preds, labels, resamples=resamples)
     result = {"split": split if dataset is None else None, "dataset": dataset, "examples": int(len(labels)),
               "metrics": metrics, "ci95": ci, "bootstrap_resamples": resamples, "run": run.path,
-              "best_step": run.results()["best"]["step"]}
+              "best_step": results["best"]["step"]}
     path = run.write_eval(name, result)
     if save_predictions:
         names = run.read_json(CONFIG)["label_names"] if cfg.task == "classification" else None

@@ -18,5 +18,3 @@ def release_heap() -> None:
     precompute between its phases; a no-op where there is no glibc."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
-
-

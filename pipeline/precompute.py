@@ -402,7 +402,8 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
         "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
     bottom = (bottom or load_bottom(replace(cfg, k=max(job.depths)))).to(device)
     batches, layout = _batches(job.tmp)
-    mine = [b for b in batches if layout["progress"][b.index] == 0 and b.index % state.num_processes == state.process_index]
+    mine = [b for b in batches
+            if layout["progress"][b.index] == 0 and b.index % state.num_processes == state.process_index]
     storage = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[layout["dtype"]]
     row_bytes = job.hidden_size * layout["dtype"].itemsize
     fd = os.open(job.tmp, os.O_RDWR)

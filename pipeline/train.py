@@ -117,7 +117,7 @@ class Session:
     cfg: Config
     path: str  # the cache file
     info: object  # cache.CacheInfo
-    accelerator: Accelerator
+    accelerator: Accelerator | None  # None for a run that has already finished
     run: RunDir
     stages: list  # depth of each stage
     shared: dict | None  # sweeps: cached split readers kept across runs
@@ -179,7 +179,8 @@ def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
-    if cfg.report_to != "none":
+    tracking = cfg.report_to != "none"
+    if tracking:
         _check_tracker(cfg.report_to)
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: Accelerate only picks
     # its gloo CPU backend when told cpu=True; otherwise each process would silently train alone.
@@ -191,17 +192,17 @@ def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None
     name = share(procs, cfg.run_name or time.strftime("%Y%m%d-%H%M%S"))  # every process: the main one's timestamp
     run = RunDir(os.path.join(cfg.runs_dir, name))
     ckpt, state = run.prepare(cfg, resume)
-    if not run.finished():
-        ensure_writable_dir(run.path, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
+    if run.finished():  # nothing to train: no Accelerator, no trackers
+        return Session(cfg, path, info, None, run, cfg.stage_depths(), shared), None, None
+    ensure_writable_dir(run.path, "run directory", "--runs-dir")  # every process: each fails alike, none hangs
     # Several runs in one process (tests, sweeps) may differ in mixed precision: Accelerate keeps that in a
     # singleton, so start each run from a fresh one (the process group, kept in PartialState, stays).
     AcceleratorState._reset_state()
-    tracking = cfg.report_to != "none"
     accelerator = Accelerator(cpu=procs.device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, project_dir=run.path,
                               log_with=cfg.report_to if tracking else None,
                               dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
-    if tracking and not run.finished():
+    if tracking:
         accelerator.init_trackers(cfg.report_to, config=_tracker_config(cfg))
     return Session(cfg, path, info, accelerator, run, cfg.stage_depths(), shared), ckpt, state
 
@@ -329,7 +330,7 @@ def train_epoch(s: Session, stage: Stage, state: TrainerState) -> bool:
     stage_ends = max_steps_hit or state.stopped_early or state.epoch == stage.last_epoch(cfg)
     if not cfg.eval_every or (stage_ends and state.step % cfg.eval_every):  # not evaluated at this step yet
         validate(s, stage, state)
-    return stage_ends or state.stopped_early
+    return stage_ends
 
 
 def validate(s: Session, stage: Stage, state: TrainerState) -> None:
