@@ -97,7 +97,7 @@ def sweep(base: Config, grid_file: str, jobs: int = 1) -> str:
         _run_parallel(todo, jobs)
     grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
     rows = [_row(cfg, info, out_dir, grid_keys) for cfg, info in zip(cfgs, infos)]
-    write_results(rows, out_dir, base)
+    write_results(rows, out_dir, cfgs[0])  # the grid file's base may set --metric-for-best
     return out_dir
 
 
