@@ -127,7 +127,8 @@ def test_trainer_state_round_trip_and_improvement_rule():
     assert s.improved(cfg, {"loss": 0.7})
     s.best_metrics = {"loss": 0.7}
     assert s.improved(cfg, {"loss": 0.6}) and not s.improved(cfg, {"loss": 0.7})
-    assert not s.improved(make_config(), {"accuracy": 0.5}) or s.best_metrics.get("accuracy") is None
+    higher = TrainerState(best_metrics={"accuracy": 0.6})  # accuracy: higher is better
+    assert higher.improved(make_config(), {"accuracy": 0.7}) and not higher.improved(make_config(), {"accuracy": 0.6})
     assert TrainerState.from_json(s.to_json()) == s
     s.next_epoch(4)
     assert (s.epoch, s.batches_done, s.tokens, s.total_seconds) == (4, 0, 0, 2.0)
