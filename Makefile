@@ -22,7 +22,8 @@ D := $(if $(DEPTHS),--depths $(DEPTHS))
 # N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale test test-fast \
+.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale bench-memory test \
+	test-fast \
 	clean-cache
 
 # The virtual environment is a real file target: rebuilt when pyproject.toml changes.
@@ -82,6 +83,12 @@ bench: $(STAMP) $(DATA)
 SCALE_ARGS ?=
 bench-scale: $(STAMP) $(DATA)
 	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
+
+# Peak memory of training the top 2 layers from the cache vs the HF Trainer recipe at an xlm-roberta-large and a
+# Qwen3-1.7B shape (random bf16 weights built locally, ~6 GB of disk); MEMORY_ARGS="--shapes xlmr-large"
+MEMORY_ARGS ?=
+bench-memory: $(STAMP) $(DATA)
+	$(PY) scripts/bench_memory.py $(MEMORY_ARGS)
 
 test: $(STAMP) $(DATA)
 	$(PY) -m pytest -q tests

@@ -14,7 +14,7 @@ Layout (format_version 3), one file per (model, depths, data, tokenizer settings
   /<split>/example_ids    int64 [N]    row of the example in the loaded source data
   /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify`/`check` recompute rows without the source)
   /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
-  /<split>/layer_<d>/hidden  float16|float32 [T, hidden]: hidden state after layer d, one array per cached depth d
+  /<split>/layer_<d>/hidden  float16|float32|bfloat16 (as uint16) [T, hidden]: hidden state after layer d, one array per cached depth d
                              (depths_json), all from one pass of the bottom up to the deepest; contiguous
 Examples are stored sorted by length (stable), so contiguous rows have similar lengths. Every array is contiguous
 and unfiltered: training memory-maps the hidden arrays at their file offsets (map_array).
@@ -42,6 +42,19 @@ from .config import Config
 from .errors import PipelineError
 
 FORMAT_VERSION = 3
+# storage dtype name -> (numpy dtype of the HDF5 array, torch dtype of the values). numpy has no bfloat16: those
+# arrays hold the raw 16-bit patterns as uint16, and the `dtype` attribute says how to read them.
+STORAGE = {"float16": (np.dtype("float16"), torch.float16), "float32": (np.dtype("float32"), torch.float32),
+           "bfloat16": (np.dtype("uint16"), torch.bfloat16)}
+
+
+def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored hidden states as float32 (bfloat16: the 16 bits are the top half of a float32)."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
+
+
 SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
 
 
@@ -108,7 +121,7 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
             hid = g[f"layer_{d}/hidden"]
             if hid.shape != (total, hidden_size):
                 problems.append(f"/{split}/layer_{d}/hidden has shape {hid.shape}, offsets say ({total}, {hidden_size})")
-            if hid.dtype != np.dtype(attrs["dtype"]):
+            if attrs["dtype"] not in STORAGE or hid.dtype != STORAGE[attrs["dtype"]][0]:
                 problems.append(f"/{split}/layer_{d}/hidden has dtype {hid.dtype}, attributes say {attrs['dtype']}")
         if g["input_ids"].shape != (total,):
             problems.append(f"/{split}/input_ids has shape {g['input_ids'].shape}, offsets say ({total},)")
@@ -247,7 +260,7 @@ def check_cache(path: str) -> tuple[list, list]:
                 for d in json.loads(attrs["depths_json"]):
                     ds = f[f"{split}/layer_{d}/hidden"]
                     for lo in range(0, ds.shape[0], BLOCK_ROWS):
-                        if not np.isfinite(ds[lo:lo + BLOCK_ROWS]).all():
+                        if not np.isfinite(as_float32(ds[lo:lo + BLOCK_ROWS], attrs["dtype"])).all():
                             nonfinite.append(f"{split}/layer_{d}")
                             break
             if nonfinite:
@@ -307,6 +320,7 @@ class CachedSplit(torch.utils.data.Dataset):
             self.labels = g["labels"][:]
             self.example_ids = g["example_ids"][:]
             self.hidden_size, self.dtype = f[self.key].shape[1], f[self.key].dtype
+            self.values = STORAGE[read_attrs(f)["dtype"]][1]  # what the stored bits mean (bfloat16 in uint16)
             map_array(path, f[self.key])  # fails now, with the fix, if the array cannot be mapped
         self._hidden, self._ring, self._next = None, None, 0
         self.reuse_buffers = reuse_buffers
@@ -383,7 +397,10 @@ class CachedSplit(torch.utils.data.Dataset):
             self._prefetch(idx, lengths)
         self._gather(rows, out)
         out[~mask.ravel()] = 0  # ... and is zeroed
-        return {"inputs_embeds": torch.from_numpy(out.reshape(len(idx), width, self.hidden_size)),
+        out = out.reshape(len(idx), width, self.hidden_size)
+        states = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if self.values == torch.bfloat16 \
+            else torch.from_numpy(out)
+        return {"inputs_embeds": states,
                 "attention_mask": torch.from_numpy(mask.astype(np.int64)),
                 "labels": torch.from_numpy(self.labels[idx])}
 

@@ -30,7 +30,8 @@ class Config:
                     "(k = L: head only)")
     depths: str = opt("", "comma-separated depths to cache in one pass, e.g. 2,4 (default: k, or the --stages "
                           "depths); training reads depth k")
-    attn_implementation: Optional[str] = opt(None, "attention kernel (None = transformers default, sdpa; or eager)")
+    attn_implementation: Optional[str] = opt(None, "attention kernel: sdpa | eager (default: the model's, sdpa where "
+                                                   "it has one)")
     trust_remote_code: bool = opt(False, "allow model code from the model folder/Hub (off unless you ask)")
     # --- data ---
     dataset: str = opt(DEFAULT_DATA, "local csv/tsv/txt/json/jsonl/parquet (.bz2/.gz ok), local folder, or Hub name")
@@ -55,7 +56,9 @@ class Config:
     max_length: int = opt(128, "tokenizer truncation length")
     # --- cache ---
     cache_dir: str = opt("cache", "where cache files go")
-    cache_dtype: Literal["float16", "float32"] = opt("float16", "storage dtype of hidden states: float16 | float32")
+    cache_dtype: Literal["float16", "float32", "bfloat16"] = opt(
+        "float16", "storage dtype of hidden states: float16 | float32 | bfloat16 (float16's size, float32's range: "
+                   "for decoders whose states exceed float16)")
     precompute_batch_size: int = opt(64, "examples per bottom forward during precompute")
     commit_seconds: float = opt(5.0, "precompute commits written rows (fsync + /progress) at most this many seconds "
                                      "apart; a kill loses at most that much work (0 = after every batch)")
@@ -104,6 +107,10 @@ class Config:
         for name, choices in literal_choices().items():
             if getattr(self, name) not in choices:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of: {', '.join(choices)}")
+        if self.attn_implementation not in (None, "eager", "sdpa"):
+            problems.append(f"attn_implementation={self.attn_implementation!r} must be sdpa or eager: other kernels "
+                            f"(flash attention unpads the batch and runs in fp16/bf16 only) cannot reproduce the full "
+                            f"model's logits from the cache to float precision")
         if not (0 < self.val_fraction < 1):
             problems.append(f"val_fraction={self.val_fraction} must be in (0, 1)")
         if not (0 <= self.test_fraction < 1) or self.val_fraction + self.test_fraction >= 1:

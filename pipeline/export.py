@@ -40,7 +40,7 @@ def merged_model(run_dir: str):
     if digest != built:
         raise PipelineError(f"the frozen weights of {cfg.model!r} changed since {run_dir} was trained; the top "
                             f"would sit on other layers. Export from the model the run was trained with.")
-    carry_over(load_file(top_file), full, shift=k, frozen_missing=True)
+    carry_over(load_file(top_file), full, shift=k)
     tokenizer = load_tokenizer(cfg)
     tokenizer.model_max_length = cfg.max_length  # predict truncates like training did
     # what predict needs to feed the model like training did; kept in the exported config.json

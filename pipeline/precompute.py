@@ -39,8 +39,8 @@ from .dist import process_state, share
 from .errors import PipelineError
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
 from .memory import release_heap
-from .model import (frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer, safetensors_files,
-                    tokenizer_sha256)
+from .model import (bottom_states, frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer,
+                    safetensors_files, tokenizer_sha256)
 
 # what each identity entry means, for the "built from different inputs" message
 _IDENTITY_WORDS = {
@@ -160,7 +160,7 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
         if truncated:
             print(f"data: {truncated} of {n_total} examples are longer than max_length={cfg.max_length} tokens and "
                   f"are truncated ({tokenizer.truncation_side} side); raise --max-length to keep more.")
-        _check_free_space(out, plan, mconf.hidden_size, np.dtype(cfg.cache_dtype))
+        _check_free_space(out, plan, mconf.hidden_size, C.STORAGE[cfg.cache_dtype][0])
         try:
             _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
         except (OSError, RuntimeError) as e:  # h5py raises either for a failed write
@@ -180,7 +180,7 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
     totals = {"examples": n_total, "tokens": n_tokens, "computed_examples": n_total - skipped,
               "resumed_examples": skipped, "truncated_examples": truncated,
               "prepare_seconds": time.perf_counter() - t_start}  # data, tokenisation, layout
-    return Job(tmp, out, depths, mconf.hidden_size, np.dtype(cfg.cache_dtype).itemsize, totals, t_start)
+    return Job(tmp, out, depths, mconf.hidden_size, C.STORAGE[cfg.cache_dtype][0].itemsize, totals, t_start)
 
 
 def _up_to_date(out: str, cfg: Config, identity: dict, force: bool) -> bool:
@@ -311,7 +311,7 @@ def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
             del block
             release_heap()
         for d in cfg.cache_depths():
-            _contiguous(g, f"layer_{d}/hidden", (total, mconf.hidden_size), np.dtype(cfg.cache_dtype))
+            _contiguous(g, f"layer_{d}/hidden", (total, mconf.hidden_size), C.STORAGE[cfg.cache_dtype][0])
     n_batches = sum(-(-len(p.rows) // cfg.precompute_batch_size) for p in plan.values())
     f.create_dataset("progress", data=np.zeros(n_batches, dtype=np.int32))
     f.close()
@@ -366,7 +366,7 @@ def _batches(tmp: str) -> tuple[list, dict]:
         splits, bs = json.loads(f.attrs["splits_json"]), int(f.attrs["batch_rows"])
         progress = f["progress"][:]
         layout = {"splits": splits, "progress_offset": f["progress"].id.get_offset(),
-                  "pad": int(f.attrs["pad_token_id"]), "dtype": np.dtype(f.attrs["dtype"]),
+                  "pad": int(f.attrs["pad_token_id"]), "dtype": C.read_attrs(f)["dtype"],
                   "offsets": [f[s]["offsets"][:] for s in splits], "lengths": [f[s]["lengths"][:] for s in splits],
                   "hidden_offset": {(i, d): f[f"{s}/layer_{d}/hidden"].id.get_offset()
                                     for i, s in enumerate(splits) for d in json.loads(f.attrs["depths_json"])},
@@ -404,8 +404,8 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
     batches, layout = _batches(job.tmp)
     mine = [b for b in batches
             if layout["progress"][b.index] == 0 and b.index % state.num_processes == state.process_index]
-    storage = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[layout["dtype"]]
-    row_bytes = job.hidden_size * layout["dtype"].itemsize
+    storage = C.STORAGE[layout["dtype"]][1]
+    row_bytes = job.hidden_size * job.itemsize
     fd = os.open(job.tmp, os.O_RDWR)
     writer = _Writer(fd, layout["progress_offset"], cfg.commit_seconds, cfg.commit_mb << 20)
     bar = tqdm(total=sum(b.end - b.start for b in mine), desc=f"precompute depths={','.join(map(str, job.depths))}",
@@ -416,12 +416,16 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
         with torch.inference_mode():
             for b in mine:
                 batch = {k: v.to(device, non_blocking=True) for k, v in _inputs(layout, b).items()}
-                out = bottom(**batch, output_hidden_states=len(job.depths) > 1)
                 mask = batch["attention_mask"].bool()
                 writes = []
-                for d in job.depths:  # hidden_states[d] is the output of layer d (0: the embeddings)
-                    h = out.hidden_states[d] if len(job.depths) > 1 else out.last_hidden_state
-                    rows = h[mask].to(storage)  # [sum(len), H], example after example, cast on the device
+                # the state at depth d: the input of layer d (0: the embeddings' output)
+                for d, h in zip(job.depths, bottom_states(bottom, batch, job.depths)):
+                    rows = h[mask]
+                    if storage == torch.float16:
+                        _check_fp16_range(rows, d, b, layout["splits"][b.split])
+                    rows = rows.to(storage)  # [sum(len), H], example after example, cast on the device
+                    if storage == torch.bfloat16:  # written as its raw 16 bits
+                        rows = rows.view(torch.int16)
                     at = layout["hidden_offset"][b.split, d] + int(layout["offsets"][b.split][b.start]) * row_bytes
                     writes.append((*_to_host(rows), at))
                 writer.put(writes, b.index, b.end - b.start)
@@ -434,6 +438,20 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
         writer.close()
         bar.close()
         os.close(fd)
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _check_fp16_range(rows: torch.Tensor, depth: int, b: "_Batch", split: str) -> None:
+    """Refuse states float16 cannot hold (they would be stored as inf): decoders' hidden states often exceed it.
+    One small reduction and host read per batch and depth."""
+    peak = float(rows.abs().max()) if rows.numel() else 0.0
+    if not peak <= FP16_MAX:  # also NaN
+        raise PipelineError(
+            f"the hidden states at depth {depth} of {split} examples {b.start}..{b.end - 1} (storage order) reach "
+            f"|x| = {peak:.4g}, beyond float16's range (max {FP16_MAX:.0f}), so a float16 cache cannot hold them. "
+            f"Use --cache-dtype bfloat16 (the size of float16, the range of float32) or float32.")
 
 
 def _to_host(rows: torch.Tensor):

@@ -26,7 +26,7 @@ from .fsutil import ensure_writable_dir
 from .memory import release_heap
 from .metrics import compute_metrics
 from .rundir import BEST, TOP_LAST, RunDir, TrainerState
-from .model import LAYER_KEY, carry_over, load_top
+from .model import LAYER_KEY, carry_over, input_dtype, load_top
 
 
 def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, g: torch.Generator) -> DataLoader:
@@ -44,10 +44,12 @@ def epoch_seed(cfg: Config, epoch: int) -> int:
 
 
 def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = None, num_layers: int | None = None):
-    """AdamW (no weight decay on biases and LayerNorm weights) + linear warmup/decay over total_steps. With
+    """AdamW (no weight decay on biases and norm weights) + linear warmup/decay over total_steps. With
     cfg.layer_lr_decay < 1 (discriminative lr), top layer i (original layer depth + i) gets
     lr * decay^(num_layers - depth - i); pooler and head get lr."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+    def no_decay(name):  # biases and every norm's weight (LayerNorm, layer_norm, RMSNorm's norm, q_norm, ...)
+        return name.endswith("bias") or name.lower().endswith("norm.weight")
+
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -56,7 +58,7 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
         scale = 1.0
         if m and cfg.layer_lr_decay != 1.0:
             scale = cfg.layer_lr_decay ** (num_layers - depth - int(m.group(2)))
-        wd = 0.0 if n.endswith(no_decay) else cfg.weight_decay
+        wd = 0.0 if no_decay(n) else cfg.weight_decay
         groups.setdefault((scale, wd), []).append(p)
     optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd}
                                    for (scale, wd), ps in sorted(groups.items(), reverse=True)], lr=cfg.lr)
@@ -69,9 +71,10 @@ def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.n
     accelerator=None: one process, a plain loader."""
     model.eval()
     preds, refs, losses = [], [], []
+    dtype = input_dtype(model)
     with torch.no_grad():
         for batch in loader:
-            logits = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"]).logits
+            logits = model(inputs_embeds=batch["inputs_embeds"].to(dtype), attention_mask=batch["attention_mask"]).logits
             y = batch["labels"]
             p, loss = score(logits, y, task)
             if accelerator is not None:
@@ -270,7 +273,7 @@ def start_stage(s: Session, stage: Stage, ckpt: str | None, state: TrainerState)
     layers = s.info.num_layers
     what = (f"stage {stage.index + 1}/{len(s.stages)}: " if len(s.stages) > 1 else "") + (
         f"top {layers - stage.depth} of {layers} layers + head" if stage.depth < layers
-        else "head only (pooler + classifier)")
+        else "head only (no layer: what follows the layers + the classifier)")
     acc.print(f"train: {len(stage.train_dl.dataset)} train / {len(stage.val_dl.dataset)} validation examples from "
               f"{s.path}; {what}, {stage.trainable / 1e6:.2f}M trainable params, {acc.num_processes} process(es) on "
               f"{acc.device}")
@@ -295,10 +298,10 @@ def train_epoch(s: Session, stage: Stage, state: TrainerState) -> bool:
     bar = tqdm(loader, desc=f"epoch {state.epoch}/{total_epochs}", unit="batch", dynamic_ncols=True, initial=skip,
                total=len(stage.train_dl), mininterval=0.5 if sys.stderr.isatty() else 15,
                disable=not acc.is_local_main_process)
-    max_steps_hit = False
+    max_steps_hit, dtype = False, input_dtype(model)
     for batch in bar:
         with acc.accumulate(model):
-            out = model(inputs_embeds=batch["inputs_embeds"].float(), attention_mask=batch["attention_mask"],
+            out = model(inputs_embeds=batch["inputs_embeds"].to(dtype), attention_mask=batch["attention_mask"],
                         labels=batch["labels"])
             acc.backward(out.loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:

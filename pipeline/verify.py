@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from .cache import check_cache, open_cache, read_attrs
+from .cache import as_float32, check_cache, open_cache, read_attrs
 from .config import Config
 from .errors import PipelineError
-from .model import frozen_weights_sha256, load_full_model, load_tokenizer, safetensors_files, split_top
+from .model import (frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer, record_states,
+                    safetensors_files, split_top)
 
 
 def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split: str = "validation",
@@ -35,21 +36,26 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
             ex = {"input_ids": g["input_ids"][s:e].astype(np.int64).tolist()}
             if "token_type_ids" in g:
                 ex["token_type_ids"] = g["token_type_ids"][s:e].astype(np.int64).tolist()
-            rows.append((ex, torch.from_numpy(g[f"layer_{cfg.k}/hidden"][s:e].astype(np.float32))))
+            rows.append((ex, torch.from_numpy(as_float32(g[f"layer_{cfg.k}/hidden"][s:e], info.attrs["dtype"]))))
     # storage rounding: half an ulp of the cache dtype, plus float32 noise from another batch composition
-    rtol, atol = (2.0 ** -10, 1e-4) if info.attrs["dtype"] == "float16" else (1e-5, 1e-5)
+    rtol, atol = {"float16": (2.0 ** -10, 1e-4), "bfloat16": (2.0 ** -7, 1e-4)}.get(info.attrs["dtype"], (1e-5, 1e-5))
+    dtype = input_dtype(top)
     max_logit, max_hidden, excess = 0.0, 0.0, 0.0
     with torch.inference_mode():
         for b in range(0, len(rows), batch_size):
             chunk = rows[b:b + batch_size]
             enc = tokenizer.pad({key: [ex[key] for ex, _ in chunk] for key in chunk[0][0]}, return_tensors="pt")
-            out = full(**enc, output_hidden_states=True)
-            hidden = torch.nn.utils.rnn.pad_sequence([h for _, h in chunk], batch_first=True)
+            with record_states(full.base_model, [cfg.k]) as states:  # the full model's state at depth k
+                out = full(**enc)
+            # the cache is right-padded; the tokenizer may pad on the left (decoders): compare real tokens only
             mask = enc["attention_mask"].bool()
-            ref, got = out.hidden_states[cfg.k][mask], hidden[mask]
+            lengths = mask.sum(-1)
+            right = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
+            hidden = torch.nn.utils.rnn.pad_sequence([h for _, h in chunk], batch_first=True)
+            ref, got = states[cfg.k].float()[mask], hidden[right]
             max_hidden = max(max_hidden, float((ref - got).abs().max()))
             excess = max(excess, float(((ref - got).abs() - atol - rtol * ref.abs()).max()))
-            logits = top(inputs_embeds=hidden, attention_mask=enc["attention_mask"]).logits
+            logits = top(inputs_embeds=hidden.to(dtype), attention_mask=right.long()).logits
             max_logit = max(max_logit, float((out.logits - logits).abs().max()))
     print(f"verified {len(rows)} {split} examples of {path} (cache dtype {info.attrs['dtype']}, k={cfg.k})")
     print(f"max_abs_hidden_diff={max_hidden:.3g}")

@@ -108,14 +108,13 @@ def _tokenized(cfg):
 def _frozen_full_model(cfg, data):
     from accelerate.utils import set_seed
 
-    from pipeline.model import get_layers, load_full_model
+    from pipeline.model import load_full_model, model_arch
 
     set_seed(cfg.seed)
     model = load_full_model(cfg, len(data.label_names), data.label_names)
-    base = model.base_model
-    base.embeddings.requires_grad_(False)
-    for layer in list(get_layers(base, model.config.model_type))[: cfg.k]:
-        layer.requires_grad_(False)
+    arch = model_arch(model)
+    for name, p in model.named_parameters():  # what the bottom computes with: embeddings + layers [0, k)
+        p.requires_grad_(not arch.is_frozen(name, cfg.k))
     return model
 
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -26,7 +28,31 @@ TINY_CONFIGS = {
     "xlm-roberta": dict(TINY, pad_token_id=0),
     "electra": dict(TINY, embedding_size=16),  # embedding_size != hidden: exercises embeddings_project
     "distilbert": dict(vocab_size=30522, dim=32, n_layers=3, n_heads=2, hidden_dim=64, max_position_embeddings=128),
+    "camembert": dict(TINY, pad_token_id=0),
+    # local (sliding, window 8) / global attention alternating, mean pooling: the cut must keep layer_types[k:]
+    "modernbert": dict(TINY, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0, classifier_pooling="mean"),
+    # DeBERTa-v2 with the conv after layer 0 (v2-xlarge style) and relative positions with a LayerNorm
+    "deberta-v2": dict(TINY, relative_attention=True, position_buckets=16, max_relative_positions=64,
+                       norm_rel_ebd="layer_norm", conv_kernel_size=3, pos_att_type=["p2c", "c2p"],
+                       position_biased_input=False, share_att_key=True, pad_token_id=0),
+    "llama": dict(TINY, num_key_value_heads=1, pad_token_id=0),
+    # sliding window (8 tokens) on the layers above max_window_layers: layer_types mixes full and sliding
+    "qwen2": dict(TINY, num_key_value_heads=1, pad_token_id=0, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=1),
+    "qwen3": dict(TINY, num_key_value_heads=1, head_dim=16, pad_token_id=0),
+    "mistral": dict(TINY, num_key_value_heads=1, pad_token_id=0, sliding_window=8),
 }
+# DeBERTa-v3 style (no conv): the same model type, so a variant name of its own
+VARIANTS = {"deberta-v3": ("deberta-v2", dict(TINY_CONFIGS["deberta-v2"], conv_kernel_size=0, norm_rel_ebd="layer_norm",
+                                              position_buckets=32))}
+
+
+def no_dropout(config):
+    """Every dropout probability of a config set to 0 (names differ by family)."""
+    for name, value in config.to_dict().items():
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +61,20 @@ def tiny_model(tmp_path_factory):
     made = {}
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(PACKAGED_MINILM))
 
-    def make(model_type="bert"):
-        if model_type not in made:
-            path = tmp_path_factory.mktemp(f"tiny-{model_type}")
+    def make(model_type="bert", dropout=True):
+        """A folder for `model_type` (a key of TINY_CONFIGS or VARIANTS); dropout=False: every dropout 0."""
+        key = (model_type, dropout)
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{model_type}{'' if dropout else '-nodrop'}")
             torch.manual_seed(0)
-            config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+            real_type, kw = VARIANTS.get(model_type, (model_type, TINY_CONFIGS.get(model_type)))
+            config = AutoConfig.for_model(real_type, **kw)
+            if not dropout:
+                no_dropout(config)
             AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
             tokenizer.save_pretrained(path)
-            made[model_type] = str(path)
-        return made[model_type]
+            made[key] = str(path)
+        return made[key]
 
     return make
 
@@ -135,3 +166,24 @@ def cache_arrays(path) -> dict:
     with h5py.File(path, "r") as f:
         f.visititems(lambda n, o: out.__setitem__(n, o[:]) if isinstance(o, h5py.Dataset) and n != "progress" else None)
     return out
+
+
+class TokenSplit(torch.utils.data.Dataset):
+    """The cached token ids of a split, as the full model's input, in the cache's example order."""
+
+    def __init__(self, path, split):
+        with h5py.File(path) as f:
+            self.offsets, self.lengths = f[split]["offsets"][:], f[split]["lengths"][:]
+            self.ids, self.labels = f[split]["input_ids"][:].astype(np.int64), f[split]["labels"][:]
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitems__(self, idx):
+        """A padded batch in CachedSplit's shape, token ids in place of states (the loader's batches stay the same)."""
+        width = int(self.lengths[idx].max())
+        ids = torch.zeros(len(idx), width, dtype=torch.int64)
+        for row, i in enumerate(idx):
+            ids[row, :self.lengths[i]] = torch.from_numpy(self.ids[self.offsets[i]:self.offsets[i + 1]])
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[idx])[:, None]).long()
+        return {"inputs_embeds": ids, "attention_mask": mask, "labels": torch.from_numpy(self.labels[idx])}

@@ -93,7 +93,8 @@ def test_unsupported_architecture(tmp_path, small_csv, capsys):
     path = tmp_path / "tiny-gpt2"
     AutoModelForSequenceClassification.from_config(GPT2Config(n_layer=2, n_embd=16, n_head=2)).save_pretrained(path)
     err = _fail(capsys, "precompute", *_opts(tmp_path, path, small_csv))
-    assert "'gpt2' model" in err and "bert, camembert, distilbert, electra, roberta, xlm-roberta" in err
+    assert "'gpt2' model" in err and ("bert, camembert, deberta-v2, distilbert, electra, llama, mistral, modernbert, "
+                                      "qwen2, qwen3, roberta, xlm-roberta") in err
 
 
 def test_train_without_cache(tmp_path, tiny_model, small_csv, capsys):

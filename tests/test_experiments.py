@@ -7,7 +7,6 @@ import sys
 from dataclasses import replace
 
 import h5py
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,7 +19,7 @@ from pipeline.precompute import precompute
 from pipeline.train import build_optimizer, epoch_seed, make_loader, train
 from pipeline.verify import verify
 
-from conftest import ROOT, TINY, cli_args, run_cli, tiny_cfg
+from conftest import ROOT, TINY, TokenSplit, cli_args, run_cli, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +61,6 @@ def test_multi_depth_cache_round_trip(tmp_path, tiny_model, small_csv, capsys, m
         assert 0 <= r["accuracy"] <= 1
     if model_type == "bert":  # head only: pooler + classifier
         assert json.load(open(tmp_path / "runs" / "k3" / "results.json"))["trainable_params"] == 32 * 33 + 2 * 33
-
-
-class TokenSplit(torch.utils.data.Dataset):
-    """The cached token ids of a split, as the full model's input, in the cache's example order."""
-
-    def __init__(self, path, split):
-        with h5py.File(path) as f:
-            self.offsets, self.lengths = f[split]["offsets"][:], f[split]["lengths"][:]
-            self.ids, self.labels = f[split]["input_ids"][:].astype(np.int64), f[split]["labels"][:]
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getitems__(self, idx):
-        """A padded batch in CachedSplit's shape, token ids in place of states (the loader's batches stay the same)."""
-        width = int(self.lengths[idx].max())
-        ids = torch.zeros(len(idx), width, dtype=torch.int64)
-        for row, i in enumerate(idx):
-            ids[row, :self.lengths[i]] = torch.from_numpy(self.ids[self.offsets[i]:self.offsets[i + 1]])
-        mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[idx])[:, None]).long()
-        return {"inputs_embeds": ids, "attention_mask": mask, "labels": torch.from_numpy(self.labels[idx])}
 
 
 def _reference(cfg, path, model_path):

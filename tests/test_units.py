@@ -145,7 +145,7 @@ def test_carry_over_shifts_layers_and_refuses_misfits():
     big = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
                                                    intermediate_size=8, vocab_size=10))
     top = {n: t for n, t in small.state_dict().items() if "embeddings" not in n}
-    carry_over(top, big, shift=2, frozen_missing=True)
+    carry_over(top, big, shift=2)
     assert torch.equal(big.state_dict()["bert.encoder.layer.2.output.dense.weight"],
                        small.state_dict()["bert.encoder.layer.0.output.dense.weight"])
     with pytest.raises(PipelineError, match="does not fit"):
