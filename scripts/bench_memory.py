@@ -4,7 +4,7 @@ bottom requires_grad=False), at two large shapes built here with random bf16 wei
   qwen3-1.7b   a Qwen3-1.7B-shaped decoder (28 layers, hidden 2048, GQA 16/8 heads, vocabulary 151,936; 1.7B)
 Each checkpoint is saved the way the real one is (a masked-LM / causal-LM folder without a classification head,
 safetensors, bf16). Each measurement runs in its own fresh process; the figure is the peak RSS (ru_maxrss) above the
-RSS after the imports, so both sides pay the same library baseline. Ours' precompute runs once before (its peak is
+RSS after the imports (VmHWM - VmRSS then), so both sides pay the same library baseline. Ours' precompute runs once before (its peak is
 reported too, but the issue compares training). Same data (the default corpus), batch size, steps and dtype.
 
 Usage:  python scripts/bench_memory.py [--shapes xlmr-large,qwen3-1.7b] [--samples 192] [--steps 4]
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,9 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent across exec."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024  # KiB
 
 
 def build(shape: str, folder: str) -> None:

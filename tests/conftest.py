@@ -187,3 +187,34 @@ class TokenSplit(torch.utils.data.Dataset):
             ids[row, :self.lengths[i]] = torch.from_numpy(self.ids[self.offsets[i]:self.offsets[i + 1]])
         mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[idx])[:, None]).long()
         return {"inputs_embeds": ids, "attention_mask": mask, "labels": torch.from_numpy(self.labels[idx])}
+
+
+def reference_training(cfg, path, model_path):
+    """The same recipe done the usual way: the full model, requires_grad per stage by the family's adapter (what
+    the bottom at each stage's depth computes with frozen), the same batches, the same optimizer and schedule."""
+    from pipeline.arch import arch_for
+    from pipeline.train import build_optimizer, epoch_seed, make_loader
+
+    full = AutoModelForSequenceClassification.from_pretrained(model_path)
+    arch = arch_for(full.config.model_type)
+    data = TokenSplit(path, "train")
+    epoch = 0
+    for depth in cfg.stage_depths():
+        for name, p in full.named_parameters():
+            p.requires_grad = not arch.is_frozen(name, depth)
+        gen = torch.Generator()
+        loader = make_loader(data, cfg, True, False, gen)
+        opt, sched = build_optimizer(full, cfg, len(loader) * cfg.epochs, depth=0,
+                                     num_layers=full.config.num_hidden_layers)
+        for _ in range(cfg.epochs):
+            epoch += 1
+            gen.manual_seed(epoch_seed(cfg, epoch))
+            for batch in loader:
+                loss = full(input_ids=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(full.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+    return full

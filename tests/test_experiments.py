@@ -16,10 +16,10 @@ from pipeline.cache import CachedSplit, open_cache
 from pipeline.errors import PipelineError
 from pipeline.model import load_top
 from pipeline.precompute import precompute
-from pipeline.train import build_optimizer, epoch_seed, make_loader, train
+from pipeline.train import build_optimizer, train
 from pipeline.verify import verify
 
-from conftest import ROOT, TINY, TokenSplit, cli_args, run_cli, tiny_cfg
+from conftest import ROOT, TINY, TokenSplit, cli_args, reference_training, run_cli, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -63,34 +63,6 @@ def test_multi_depth_cache_round_trip(tmp_path, tiny_model, small_csv, capsys, m
         assert json.load(open(tmp_path / "runs" / "k3" / "results.json"))["trainable_params"] == 32 * 33 + 2 * 33
 
 
-def _reference(cfg, path, model_path):
-    """The same recipe done the usual way: the full model, requires_grad flags per stage, the same batches."""
-    full = AutoModelForSequenceClassification.from_pretrained(model_path)
-    n_layers = full.config.num_hidden_layers
-    data = TokenSplit(path, "train")
-    epoch = 0
-    for depth in cfg.stage_depths():
-        for name, p in full.named_parameters():
-            layer = name.split("encoder.layer.")[1].split(".")[0] if "encoder.layer." in name else None
-            p.requires_grad = not name.startswith("bert.embeddings") and (layer is None or int(layer) >= depth)
-        gen = torch.Generator()
-        loader = make_loader(data, cfg, True, False, gen)
-        total = len(loader) * cfg.epochs
-        opt, sched = build_optimizer(full, cfg, total, depth=0, num_layers=n_layers)
-        for _ in range(cfg.epochs):
-            epoch += 1
-            gen.manual_seed(epoch_seed(cfg, epoch))
-            for batch in loader:
-                loss = full(input_ids=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"]).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(full.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-    return full
-
-
 @pytest.mark.parametrize("strategy", [dict(k=3), dict(k=1, layer_lr_decay=0.5),
                                       dict(stages="3,2,1", layer_lr_decay=0.8)],
                          ids=["head-only", "top-2-discriminative-lr", "gradual-unfreezing"])
@@ -99,7 +71,7 @@ def test_strategies_equal_requires_grad_on_the_full_model(tmp_path, no_dropout_b
     path = precompute(cfg)
     train(cfg)
     ours = load_file(tmp_path / "runs" / "ours" / "top_last.safetensors")  # the last weights (top = the best)
-    ref = _reference(cfg, path, no_dropout_bert).state_dict()
+    ref = reference_training(cfg, path, no_dropout_bert).state_dict()
     d = cfg.stage_depths()[-1]
     original = AutoModelForSequenceClassification.from_pretrained(no_dropout_bert).state_dict()
     for name, t in ours.items():

@@ -18,10 +18,10 @@ from pipeline.cache import CachedSplit, check_cache, open_cache
 from pipeline.export import export
 from pipeline.model import _load_top_lean, load_full_model, load_tokenizer, load_top, safetensors_files
 from pipeline.precompute import precompute
-from pipeline.train import build_optimizer, epoch_seed, make_loader, train
+from pipeline.train import train
 from pipeline.verify import verify
 
-from conftest import TINY_CONFIGS, VARIANTS, TokenSplit, run_cli, cli_args, options, tiny_cfg
+from conftest import TINY_CONFIGS, VARIANTS, TokenSplit, cli_args, options, reference_training, run_cli, tiny_cfg
 
 FAMILIES = sorted(TINY_CONFIGS) + sorted(VARIANTS)  # 12 model types (+ the DeBERTa-v3 layout)
 L = 3  # layers of every tiny model
@@ -90,33 +90,6 @@ def test_every_depth_from_one_cache_equals_the_full_model(tmp_path, tiny_model, 
     assert ref_grads  # k = L still trains the head
 
 
-def _reference(cfg, path, model_path):
-    """The same recipe done the usual way: the full model, requires_grad per stage by the family's adapter (the
-    bottom of each stage's depth frozen), the same batches, the same optimizer and schedule."""
-    full = AutoModelForSequenceClassification.from_pretrained(model_path)
-    arch = arch_for(full.config.model_type)
-    data = TokenSplit(path, "train")
-    epoch = 0
-    for depth in cfg.stage_depths():
-        for name, p in full.named_parameters():
-            p.requires_grad = not arch.is_frozen(name, depth)
-        gen = torch.Generator()
-        loader = make_loader(data, cfg, True, False, gen)
-        opt, sched = build_optimizer(full, cfg, len(loader) * cfg.epochs, depth=0, num_layers=L)
-        for _ in range(cfg.epochs):
-            epoch += 1
-            gen.manual_seed(epoch_seed(cfg, epoch))
-            for batch in loader:
-                loss = full(input_ids=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"]).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(full.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-    return full
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_gradual_unfreezing_equals_requires_grad_and_export_gives_the_same_logits(tmp_path, tiny_model, small_csv,
                                                                                   model_type):
@@ -130,7 +103,7 @@ def test_gradual_unfreezing_equals_requires_grad_and_export_gives_the_same_logit
     train(cfg)
     run = tmp_path / "runs" / "ours"
     ours = load_file(run / "top_last.safetensors")
-    ref = _reference(cfg, path, model).state_dict()
+    ref = reference_training(cfg, path, model).state_dict()
     original = AutoModelForSequenceClassification.from_pretrained(model).state_dict()
     for name, t in ours.items():
         torch.testing.assert_close(t, ref[name], rtol=1e-4, atol=1e-5, msg=name)  # depth 0: same names

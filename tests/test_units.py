@@ -164,3 +164,24 @@ def test_metrics_and_bootstrap_intervals():
     r = compute_metrics("regression", t + rng.normal(0, 0.1, 200), t)
     assert set(r) == {"mse", "pearson", "spearman"} and r["pearson"] > 0.9
     assert confidence_intervals("classification", p, y, resamples=200) == ci  # a fixed seed
+
+
+@pytest.mark.fast
+def test_adapters_name_what_the_bottom_computes_with():
+    from pipeline.arch import arch_for
+
+    bert, deberta, qwen = arch_for("bert"), arch_for("deberta-v2"), arch_for("qwen3")
+    for name in ("bert.embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
+                 "bert.encoder.layer.1.output.dense.weight", "encoder.layer.0.attention.self.query.bias"):
+        assert bert.is_frozen(name, 2), name  # with and without the base-model prefix
+    assert not any(bert.is_frozen(n, 2) for n in ("bert.encoder.layer.2.output.dense.weight", "bert.pooler.dense.weight",
+                                                  "classifier.weight"))
+    shared = ("deberta.encoder.rel_embeddings.weight", "encoder.LayerNorm.weight", "deberta.encoder.conv.conv.weight")
+    assert all(deberta.is_frozen(n, 1) for n in shared) and not any(deberta.is_frozen(n, 0) for n in shared)
+    assert qwen.is_frozen("model.embed_tokens.weight", 0) and qwen.is_frozen("model.layers.3.mlp.up_proj.weight", 4)
+    assert not any(qwen.is_frozen(n, 4) for n in ("model.norm.weight", "score.weight", "model.layers.4.q_norm.weight"))
+    config = type("C", (), {"num_hidden_layers": 4, "layer_types": ["full", "sliding", "full", "sliding"]})()
+    qwen.cut_config(config, 1, 4)
+    assert config.num_hidden_layers == 3 and config.layer_types == ["sliding", "full", "sliding"]
+    with pytest.raises(PipelineError, match="'gpt2' model; the bottom/top split supports: bert, camembert"):
+        arch_for("gpt2", "m")
