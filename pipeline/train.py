@@ -60,8 +60,9 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
             scale = cfg.layer_lr_decay ** (num_layers - depth - int(m.group(2)))
         wd = 0.0 if no_decay(n) else cfg.weight_decay
         groups.setdefault((scale, wd), []).append(p)
+    # fused: one kernel per step without foreach's full-size temporaries (the HF Trainer's default, adamw_torch_fused)
     optimizer = torch.optim.AdamW([{"params": ps, "lr": cfg.lr * scale, "weight_decay": wd}
-                                   for (scale, wd), ps in sorted(groups.items(), reverse=True)], lr=cfg.lr)
+                                   for (scale, wd), ps in sorted(groups.items(), reverse=True)], lr=cfg.lr, fused=True)
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
