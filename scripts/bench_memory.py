@@ -133,7 +133,7 @@ def child(method: str, cfg_json: str) -> None:
     from pipeline.cli import quiet_libraries
 
     quiet_libraries()
-    import torch  # noqa: F401  the baseline includes every library both sides import
+    import torch  # the baseline includes every library both sides import
     import transformers  # noqa: F401
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
@@ -143,6 +143,7 @@ def child(method: str, cfg_json: str) -> None:
     import pipeline.train  # noqa: F401
 
     cfg = Config.from_dict(json.loads(cfg_json))
+    torch.set_flush_denormal(True)  # random deep bf16 stacks on a CPU: denormals would dominate the time (both sides)
     base = rss_mb()
     result = METHODS[method](cfg)
     result.update(rss_after_imports_mb=base, peak_rss_mb=peak_mb(), growth_mb=peak_mb() - base)
