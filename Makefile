@@ -85,7 +85,7 @@ bench-scale: $(STAMP) $(DATA)
 	$(PY) scripts/bench_scale.py $(SCALE_ARGS)
 
 # Peak memory of training the top 2 layers from the cache vs the HF Trainer recipe at an xlm-roberta-large and a
-# Qwen3-1.7B shape (random bf16 weights built locally, 4.4 GB of disk; ~6 min); MEMORY_ARGS="--shapes xlmr-large"
+# Qwen3-1.7B shape (random bf16 weights built locally, 4.4 GB of disk; ~8 min); MEMORY_ARGS="--shapes xlmr-large"
 MEMORY_ARGS ?=
 bench-memory: $(STAMP) $(DATA)
 	$(PY) scripts/bench_memory.py $(MEMORY_ARGS)

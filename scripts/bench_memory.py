@@ -8,9 +8,12 @@ RSS after the imports, so both sides pay the same library baseline. Ours' precom
 folder (its peak is reported too, but the issue compares training). Same data (the default corpus), batch size,
 steps and dtype. Peak RSS moves by a few tens of MiB between identical runs (allocator timing): every method runs
 --repeats times, alternating, and the table gives the median with the range.
+The fixed glibc mmap threshold that both sides are also measured with costs page faults: --speed-steps N (default
+150) times N training steps of the default run (MiniLM, 2 trained layers, from the default cache) with and without
+it, alternating --repeats times, each a fresh `python -m pipeline train` process (0 skips it).
 
 Usage:  python scripts/bench_memory.py [--shapes xlmr-large,qwen3-1.7b] [--samples 192] [--steps 4] [--repeats 3]
-                                       [--batch-size 8] [--max-length 64] [--out cache/bench-memory]
+                                       [--speed-steps 150] [--batch-size 8] [--max-length 64] [--out cache/bench-memory]
 """
 from __future__ import annotations
 
@@ -180,6 +183,25 @@ def summary(results: list) -> dict:
     return {**results[growths.index(median)], "growth_runs_mb": growths}
 
 
+def allocator_speed(args) -> dict:
+    """train_seconds of --speed-steps steps of the default run with glibc's default and with FIXED_MMAP."""
+    from pipeline.rundir import RunDir
+
+    runs_dir = os.path.join(args.out, "speed-runs")
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    # the default cache is built (or found) untimed
+    subprocess.run([sys.executable, "-m", "pipeline", "precompute"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    seconds = {"default": [], "fixed_mmap": []}
+    for i in range(args.repeats):
+        for key, env in (("default", {}), ("fixed_mmap", FIXED_MMAP)):
+            name = f"{key}-{i}"
+            subprocess.run([sys.executable, "-m", "pipeline", "train", "--max-steps", str(args.speed_steps),
+                            "--epochs", "1", "--run-name", name, "--runs-dir", runs_dir], cwd=ROOT, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+            seconds[key].append(RunDir(os.path.join(runs_dir, name)).metrics()[-1]["train_seconds"])
+    return seconds
+
+
 def fixed(row: dict, key: str) -> str:
     return f"{row[key + '_fixed_mmap']['growth_mb']:.0f} MiB ({row[key + '_fixed_mmap']['seconds']:.1f} s vs " \
            f"{row[key]['seconds']:.1f} s)"
@@ -196,6 +218,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=192)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--speed-steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", default=os.path.join(ROOT, "cache", "bench-memory"))
@@ -231,9 +254,10 @@ def main() -> None:
               f"{pre['growth_mb']:.0f} MiB ({pre['seconds']:.0f} s, cache {pre['cache_mb']:.1f} MiB); with "
               f"MALLOC_MMAP_THRESHOLD_={FIXED_MMAP['MALLOC_MMAP_THRESHOLD_']}: ours {fixed(row, 'ours_train')}, "
               f"usual {fixed(row, 'usual')}: {row['ratio_fixed_mmap']:.1%}", flush=True)
+    speed = allocator_speed(args) if args.speed_steps else None
     info = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "samples": args.samples, "steps": args.steps, "batch_size": args.batch_size,
-            "max_length": args.max_length, "repeats": args.repeats, "rows": rows}
+            "max_length": args.max_length, "repeats": args.repeats, "rows": rows, "allocator_speed": speed}
     with open(os.path.join(args.out, "bench_memory.json"), "w") as fh:
         json.dump(info, fh, indent=2)
     print("| shape | usual recipe: peak RSS above imports | ours, training from the cache | ratio of the medians "
@@ -249,6 +273,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['shape']} | {span(r['usual_fixed_mmap'])} | {span(r['ours_train_fixed_mmap'])} | "
               f"{r['ratio_fixed_mmap']:.1%} | {r['ratio_fixed_mmap_vs_usual']:.1%} |")
+    if speed:
+        a, b = statistics.median(speed["default"]), statistics.median(speed["fixed_mmap"])
+        print(f"\nThe default run, {args.speed_steps} training steps: glibc's default "
+              f"{', '.join(f'{x:.2f}' for x in speed['default'])} s, fixed mmap threshold "
+              f"{', '.join(f'{x:.2f}' for x in speed['fixed_mmap'])} s: {b / a - 1:+.0%} time (medians)")
 
 
 if __name__ == "__main__":
