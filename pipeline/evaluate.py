@@ -1,5 +1,6 @@
 """Score a finished run: a cached split (test by default) through the run's top alone, or an external labeled file
-through the frozen bottom + top. Metrics with bootstrap 95% confidence intervals, written into the run directory."""
+through the frozen bottom + top. The task's metrics with bootstrap 95% confidence intervals (per-token tasks:
+resampling whole sentences, plus a per-entity-type table), written into the run directory."""
 from __future__ import annotations
 
 import csv
@@ -11,13 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .cache import CachedSplit, open_cache
+from .cache import CachedSplit, open_cache, pad_ragged, split_column
 from .config import Config
 from .errors import PipelineError
-from .metrics import compute_metrics, confidence_intervals
 from .model import load_top
 from .rundir import CONFIG, TOP, RunDir
-from .train import make_loader, predictions, score
+from .tasks import IGNORE, Outputs, task_for
+from .train import make_loader, predictions
 
 
 def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, overrides: dict | None = None,
@@ -25,39 +26,54 @@ def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, 
     run = RunDir(run_dir)
     cfg = run.config()
     results = run.results()  # a finished run, with a clear message otherwise
+    task, names = task_for(cfg.task), run.read_json(CONFIG)["label_names"]
     if batch_size:
         cfg = replace(cfg, eval_batch_size=batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     if dataset is None:
-        name, (preds, labels, losses, ids) = split, _cached(run, cfg, split, device)
+        name, (out, ids, cut) = split, _cached(run, cfg, split, device)
     else:
         cfg = replace(cfg, dataset=dataset, split="train", max_examples=0, **(overrides or {}))
-        name, (preds, labels, losses, ids) = cfg.data_name(), _external(run, cfg, device)
-    metrics = compute_metrics(cfg.task, preds, labels, losses)
-    ci = confidence_intervals(cfg.task, preds, labels, resamples=resamples)
-    result = {"split": split if dataset is None else None, "dataset": dataset, "examples": int(len(labels)),
+        name, (out, ids, cut) = cfg.data_name(), _external(run, cfg, names, device)
+    out, _ = task.decide(out, thresholds=run.thresholds())  # multi-label: the run's thresholds
+    metrics = task.metrics(out, names)
+    ci = task.intervals(out, names, resamples=resamples)
+    result = {"split": split if dataset is None else None, "dataset": dataset, "examples": out.examples,
               "metrics": metrics, "ci95": ci, "bootstrap_resamples": resamples, "run": run.path,
               "best_step": results["best"]["step"]}
+    if run.thresholds():
+        result["thresholds"] = dict(zip(names, run.thresholds()))
+    if task.per_token:
+        result.update({"scored_tokens": int(len(out.labels)), "words_cut": int(cut.sum()),
+                       "sentences_cut": int((cut > 0).sum()), "per_type": task.entity_report(out, names)})
     path = run.write_eval(name, result)
     if save_predictions:
-        names = run.read_json(CONFIG)["label_names"] if cfg.task == "classification" else None
-        out = _write_predictions(run.file(f"predictions_{name}.csv"), ids, labels, preds, losses, names)
-        print(f"per-example predictions -> {out}")
+        written = _write_predictions(run.file(f"predictions_{name}.csv"), ids, out, names)
+        print(f"per-{'token' if task.per_token else 'example'} predictions -> {written}")
     what = f"{split} split of the cache" if dataset is None else dataset
-    print(f"evaluated {run.path} on the {what}: {len(labels)} examples -> {path}")
+    print(f"evaluated {run.path} on the {what}: {out.examples} examples -> {path}")
+    if task.per_token:
+        print(f"{len(out.labels)} scored tokens; max_length cut {int(cut.sum())} words off {int((cut > 0).sum())} "
+              f"sentences: they are not scored")
+        for entity, row in (result["per_type"] or {}).items():
+            print(f"  {entity:>16}  precision={row['precision']:.4f} recall={row['recall']:.4f} "
+                  f"f1={row['f1-score']:.4f} support={int(row['support'])}")
     print(" ".join(f"{k}={v:.4f}" + (f" [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "")
-                   for k, v in metrics.items()) + "  (95% bootstrap CI)")
+                   for k, v in task.headline(metrics).items()) + "  (95% bootstrap CI)")
     return result
 
 
-def _write_predictions(path: str, ids, labels, preds, losses, names: list | None) -> str:
-    """One row per example, in example order: its row in the data, the label, the prediction and its loss."""
-    order = np.argsort(ids, kind="stable")
+def _write_predictions(path: str, ids, out: Outputs, names: list | None) -> str:
+    """One row per scored item (an example, or a scored token with its position), in example order: the example's
+    row in the data, the label, the prediction and its loss."""
+    example = ids if out.groups is None else ids[out.groups]
+    order = np.argsort(example, kind="stable")
     show = (lambda v: names[int(v)]) if names else (lambda v: repr(float(v)))
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["example", "label", "prediction", "loss"])
-        w.writerows([int(ids[i]), show(labels[i]), show(preds[i]), f"{float(losses[i]):.9g}"] for i in order)
+        w.writerows([int(example[i]), show(out.labels[i]), show(out.preds[i]), f"{float(out.losses[i]):.9g}"]
+                    for i in order)
     return path
 
 
@@ -87,7 +103,8 @@ def _cached(run: RunDir, cfg: Config, split: str, device):
     model, k = _top(run, cfg, info)
     ds = CachedSplit(path, split, k)
     loader = make_loader(ds, cfg, False, False, torch.Generator())  # storage order: example_ids line up
-    return (*predictions(model.to(device), _on(loader, device), None, cfg.task), ds.example_ids)
+    cut = split_column(path, split, "words_cut")
+    return predictions(model.to(device), _on(loader, device), None, task_for(cfg.task)), ds.example_ids, cut
 
 
 def _on(loader, device):
@@ -95,24 +112,35 @@ def _on(loader, device):
         yield {n: t.to(device) for n, t in batch.items()}
 
 
-def _external(run: RunDir, cfg: Config, device):
-    """Tokenise the file like precompute did and run the merged model (frozen bottom + the run's top)."""
-    from .data import load_for_eval
+def _external(run: RunDir, cfg: Config, names, device):
+    """Tokenise the file as precompute does (the task's encode) and run the merged model (frozen bottom + the
+    run's top) through the same inference loop."""
+    from .data import load_for_eval, tag_index
     from .export import merged_model
 
     model, tokenizer, _ = merged_model(run.path)
-    label_names = run.read_json(CONFIG)["label_names"]
-    ds, labels = load_for_eval(cfg, label_names if cfg.task == "classification" else None)
+    task = task_for(cfg.task)
+    ds, labels = load_for_eval(cfg, names if names is not None else None)
+    index = tag_index(ds, cfg, names) if task.per_token else None
+    tokens = ds.map(task.encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
+                    fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label_index=index), desc="tokenize")
     model = model.to(device)
-    preds, losses = [], []
-    with torch.inference_mode():
-        for start in range(0, len(ds), cfg.eval_batch_size):
-            rows = ds[start:start + cfg.eval_batch_size]
-            pair = rows[cfg.text_pair_column] if cfg.text_pair_column else None
-            enc = tokenizer(rows[cfg.text_column], pair, truncation=True, max_length=cfg.max_length, padding=True,
-                            return_tensors="pt").to(device)
-            logits = model(**enc).logits
-            p, loss = score(logits, torch.from_numpy(labels[start:start + len(logits)]).to(device), cfg.task)
-            preds.append(p.cpu())
-            losses.append(loss.cpu())
-    return torch.cat(preds).numpy(), labels, torch.cat(losses).numpy(), np.arange(len(labels))
+    pad = tokenizer.pad_token_id or 0
+
+    def batches():
+        for start in range(0, len(tokens), cfg.eval_batch_size):
+            rows = tokens[start:start + cfg.eval_batch_size]
+            lengths = np.asarray(rows["length"])
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            flat = {c: np.concatenate(rows[c]) for c in ("input_ids", "token_type_ids", "token_labels") if c in rows}
+            ids, mask = pad_ragged(flat["input_ids"], starts, lengths, pad)
+            batch = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+            if "token_type_ids" in flat:
+                batch["token_type_ids"] = pad_ragged(flat["token_type_ids"], starts, lengths, 0)[0]
+            batch["labels"] = pad_ragged(flat["token_labels"], starts, lengths, IGNORE)[0] if task.per_token \
+                else labels[start:start + len(lengths)]
+            yield {n: torch.from_numpy(np.asarray(t)).to(device) for n, t in batch.items()}
+
+    out = predictions(model, batches(), None, task)
+    cut = np.asarray(tokens["words_cut"]) if task.per_token else np.zeros(len(tokens), dtype=np.int64)
+    return out, np.arange(len(tokens)), cut

@@ -1,9 +1,10 @@
-"""Export a trained run as one standard Hugging Face model folder, and classify raw texts with it.
+"""Export a trained run as one standard Hugging Face model folder, and classify or tag raw texts with it.
 
-The merged model is the base checkpoint's *ForSequenceClassification model (so embeddings and layers [0, k) are
-exactly the frozen weights the cache was built from) with layers [k, L), pooler and head taken from the run's
-top.safetensors. `AutoModelForSequenceClassification.from_pretrained(folder)` loads it; no code of this project
-is needed to use it."""
+The merged model is the base checkpoint's model with the task's head (*ForSequenceClassification,
+*ForTokenClassification; so embeddings and layers [0, k) are exactly the frozen weights the cache was built from)
+with layers [k, L), pooler and head taken from the run's top.safetensors. The task's Auto class loads it
+(`AutoModelForTokenClassification.from_pretrained(folder)`, or `transformers.pipeline(...)`); no code of this
+project is needed to use it."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from .config import Config
 from .errors import PipelineError
+from .tasks import task_for
 from .rundir import CONFIG, TOP, RunDir, readable_mode
 from .model import carry_over, frozen_weights_sha256, load_full_model, load_tokenizer, safetensors_files
 
@@ -45,7 +47,7 @@ def merged_model(run_dir: str):
     tokenizer.model_max_length = cfg.max_length  # predict truncates like training did
     # what predict needs to feed the model like training did; kept in the exported config.json
     full.config.frozen_top = {"k": k, "text_pair_column": cfg.text_pair_column, "max_length": cfg.max_length,
-                              "task": cfg.task}
+                              "task": cfg.task, **({"thresholds": run.thresholds()} if run.thresholds() else {})}
     return full.eval(), tokenizer, cfg
 
 
@@ -54,17 +56,36 @@ def export(run_dir: str, out: str | None = None) -> str:
     model, tokenizer, cfg = merged_model(run_dir)
     model.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
+    _model_card(out, model, cfg)
     for name in os.listdir(out):  # transformers writes the weights 0600; make them readable like the rest
         if os.path.isfile(os.path.join(out, name)):
             os.chmod(os.path.join(out, name), readable_mode())
     print(f"exported {run_dir} -> {out} ({cfg.model} with its top {model.config.num_hidden_layers - cfg.k} layers "
-          f"+ head from the run; load it with AutoModelForSequenceClassification.from_pretrained({out!r}))")
+          f"+ head from the run; load it with {task_for(cfg.task).head}.from_pretrained({out!r}))")
     return out
+
+
+def _model_card(out: str, model, cfg: Config) -> None:
+    """README.md of the exported folder: what it is, how to load it, and the decision thresholds if any."""
+    task, info = task_for(cfg.task), model.config.frozen_top
+    lines = [f"# {cfg.model}, top {model.config.num_hidden_layers - info['k']} layers fine-tuned ({cfg.task})", "",
+             f"Layers [0, {info['k']}) and the embeddings are the frozen weights of `{cfg.model}`; the layers above "
+             f"and the head were trained from a cache of layer {info['k']}'s states.", "",
+             f"Load: `transformers.{task.head}.from_pretrained(folder)`, or "
+             f"`transformers.pipeline(\"{'token-classification' if task.per_token else 'text-classification'}\", "
+             f"model=folder)`. Labels: {', '.join(model.config.id2label.values())}."]
+    if info.get("thresholds"):
+        lines += ["", "Decision thresholds (a label is predicted when its sigmoid probability is at or over its "
+                      "threshold; `config.json` keeps them under `frozen_top.thresholds`):", "",
+                  "| label | threshold |", "| --- | --- |"]
+        lines += [f"| {model.config.id2label[j]} | {t:g} |" for j, t in enumerate(info["thresholds"])]
+    with open(os.path.join(out, "README.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
 
 
 def load_for_predict(path: str):
     """An exported folder or a run directory (merged in memory)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     if os.path.isfile(os.path.join(path, "top.safetensors")):
         model, tokenizer, _ = merged_model(path)
@@ -72,40 +93,45 @@ def load_for_predict(path: str):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise PipelineError(f"{path!r} is neither a run directory (top.safetensors) nor an exported model folder "
                             f"(config.json); pass one of those with --model-dir.")
-    model = AutoModelForSequenceClassification.from_pretrained(path)  # trust_remote_code stays off
+    task = (getattr(AutoConfig.from_pretrained(path), "frozen_top", None) or {}).get("task", "classification")
+    model = task_for(task).head_class().from_pretrained(path)  # trust_remote_code stays off
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def predict(path: str, texts: list, pairs: list | None = None, batch_size: int = 32) -> list:
-    """[(label name, probability) or (value,), ...]: the predicted class and its softmax probability, or the
-    regression value. A model trained on text pairs needs `pairs` (one per text); one trained on single texts
-    refuses them."""
+def predict(path: str, texts: list, pairs: list | None = None, batch_size: int = 32) -> tuple:
+    """(the task, a result per text): (label name, probability) or (value,) for one label per text; every label at
+    or over the run's threshold for multi-label; for a per-token task the text's words (split at whitespace) each
+    with (word, tag, probability) from its first sub-token. A model trained on text pairs needs `pairs` (one per
+    text); one trained on single texts refuses them."""
     model, tokenizer = load_for_predict(path)
     trained = getattr(model.config, "frozen_top", None) or {}
+    task = task_for(trained.get("task") or {"regression": "regression", "multi_label_classification": "multi-label"}
+                    .get(model.config.problem_type, "classification"))
     pair_column = trained.get("text_pair_column")
     if pair_column and pairs is None:
         raise PipelineError(f"this model was trained on text pairs (second text from {pair_column!r}): give each "
                             f"text its pair with --text-pair, or --file with two tab-separated columns.")
-    if pairs is not None and trained and not pair_column:
+    if pairs is not None and (trained and not pair_column or task.per_token):
         raise PipelineError("this model was trained on single texts, not pairs: drop --text-pair / the second "
                             "column of --file.")
     if pairs is not None and len(pairs) != len(texts):
         raise PipelineError(f"{len(texts)} texts but {len(pairs)} pairs: give one --text-pair per text.")
-    id2label = model.config.id2label
-    regression = model.config.problem_type == "regression" or model.config.num_labels == 1
+    max_length = trained.get("max_length") or tokenizer.model_max_length
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            if task.per_token:
+                words = [t.split() for t in chunk]
+                enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt")
+                tags = task.show(model(**enc).logits, model.config.id2label, trained)
+                out += [task.words(words[j], enc.word_ids(j), tags[j]) for j in range(len(chunk))]
+                continue
             second = pairs[i:i + batch_size] if pairs is not None else None
-            enc = tokenizer(texts[i:i + batch_size], second, truncation=True, padding=True, return_tensors="pt")
-            logits = model(**enc).logits
-            if regression:
-                out += [(float(v),) for v in logits.squeeze(-1)]
-            else:
-                probs = logits.softmax(-1)
-                score, idx = probs.max(-1)
-                out += [(id2label[int(j)], float(p)) for j, p in zip(idx, score)]
-    return out
+            enc = tokenizer(chunk, second, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            out += task.show(model(**enc).logits, model.config.id2label, trained)
+    return task, out
 
 
 def read_texts(args_texts: list, file: str | None, text_pairs: list | None = None) -> tuple[list, list | None]:

@@ -19,13 +19,14 @@ import os
 import torch
 from torch import nn
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .arch import LAYER_KEY, Arch, arch_for, get_module, set_module
 from .config import PACKAGED_MINILM as PACKAGED, Config
 from .errors import PipelineError, first_line, offline_reason
+from .tasks import task_for
 
 
 class PassThroughEmbeddings(nn.Module):
@@ -264,17 +265,12 @@ def bottom_states(bottom: nn.Module, batch: dict, depths) -> list:
 
 
 def load_full_model(cfg: Config, num_labels: int, label_names=None, top_from: int | None = None) -> nn.Module:
-    """The whole *ForSequenceClassification model; its head is initialised from the current torch RNG if the
-    checkpoint has none (seed first for reproducibility). top_from=k builds the lean skeleton of the top instead:
-    layers [k, L) only (per-layer config fields cut alike) and a one-row vocabulary (see _load_top_lean)."""
-    overrides = {"num_labels": num_labels}
-    if cfg.task == "regression":
-        overrides["problem_type"] = "regression"
-    else:
-        overrides["problem_type"] = "single_label_classification"
-        if label_names:
-            overrides["id2label"] = dict(enumerate(label_names))
-            overrides["label2id"] = {n: i for i, n in enumerate(label_names)}
+    """The whole model with the task's head (*ForSequenceClassification, *ForTokenClassification); its head is
+    initialised from the current torch RNG if the checkpoint has none (seed first for reproducibility). top_from=k
+    builds the lean skeleton of the top instead: layers [k, L) only (per-layer config fields cut alike) and a
+    one-row vocabulary (see _load_top_lean)."""
+    task = task_for(cfg.task)
+    overrides = {**task.head_config(label_names), "num_labels": num_labels}
     path, mconf = load_model_config(cfg, **overrides)
     arch = arch_for(mconf.model_type)
     if arch.decoder:
@@ -289,9 +285,14 @@ def load_full_model(cfg: Config, num_labels: int, label_names=None, top_from: in
         mconf.vocab_size, mconf.pad_token_id = 1, 0
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     # ignore_mismatched_sizes: a checkpoint whose head has another number of labels gets a fresh head
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=mconf, trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True, **kwargs
-    )
+    try:
+        model = task.head_class().from_pretrained(
+            path, config=mconf, trust_remote_code=cfg.trust_remote_code, ignore_mismatched_sizes=True, **kwargs)
+    except ValueError as e:  # the Auto class has no head of this kind for the family
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise PipelineError(f"--task {cfg.task}: transformers has no {task.head.removeprefix('Auto')} model for "
+                            f"{mconf.model_type!r} ({cfg.model}); choose another model or task.") from None
     model.config.pad_token_id = pad
     if top_from is not None and top_from == n_layers:
         set_module(model.base_model, arch.layers, nn.ModuleList())
@@ -320,7 +321,8 @@ def split_top(full: nn.Module, k: int, cut: bool = True) -> nn.Module:
     for name, p in full.named_parameters():  # the layers here are [k:], numbered from 0: only the rest is checked
         if not LAYER_KEY.match(name) and arch.is_frozen(name, k):
             p.requires_grad_(False)
-    return DecoderTop(full) if arch.decoder else full
+    # only a sequence classifier pools (at the last real token); a decoder's token classifier runs as it is
+    return DecoderTop(full) if arch.decoder and type(full).__name__.endswith("ForSequenceClassification") else full
 
 
 def _load_top_lean(cfg: Config, num_labels: int, label_names, files: list) -> nn.Module | None:

@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 
 from . import cache as C
 from .config import Config
-from .data import load_labeled
+from .data import load_labeled, tag_index
 from .dist import process_state, share
 from .errors import PipelineError
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
 from .memory import release_heap
+from .tasks import task_for
 from .model import (bottom_states, frozen_weights_sha256, load_bottom, load_model_config, load_tokenizer,
                     safetensors_files, tokenizer_sha256)
 
@@ -51,20 +52,13 @@ _IDENTITY_WORDS = {
     "tokenizer_settings": "the tokenizer settings (truncation side, model_max_length)",
     "dataset_fingerprint": "the dataset contents (texts, labels or rows)",
 }
-_ROWS_PER_WRITE = 1 << 16  # examples per block when token ids are written into the layout
+_ROWS_PER_WRITE = C.ROWS_PER_WRITE
 
 
 def library_versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__, "accelerate": accelerate.__version__,
             "python": platform.python_version()}
-
-
-@dataclass
-class SplitPlan:
-    rows: np.ndarray  # the split's examples as row indices into the cleaned data, sorted by token length (stable)
-    lengths: np.ndarray  # int32 tokens per example, in that order
-    offsets: np.ndarray  # int64 [n+1] ragged row offsets
 
 
 @dataclass
@@ -113,7 +107,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
                 f"rerun with a smaller one (committed batches are kept in {job.tmp} and the rerun resumes from them)."
             ) from None
         except OSError as e:  # disk full, I/O error: keep what is committed
-            committed = _committed(job.tmp)
+            committed = C.committed(job.tmp)
             if committed == 0:
                 with contextlib.suppress(OSError):
                     os.remove(job.tmp)
@@ -162,18 +156,16 @@ def _prepare(cfg: Config, out: str, force: bool) -> Job | None:
                   f"are truncated ({tokenizer.truncation_side} side); raise --max-length to keep more.")
         _check_free_space(out, plan, mconf.hidden_size, C.STORAGE[cfg.cache_dtype][0])
         try:
-            _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated)
+            C.create(tmp, _attrs(cfg, identity, mconf, data, tokenizer, truncated), plan, data.labels, tokens,
+                     depths, mconf.hidden_size, cfg.cache_dtype, cfg.precompute_batch_size, len(tokenizer))
         except (OSError, RuntimeError) as e:  # h5py raises either for a failed write
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise PipelineError(f"cannot write the cache layout to {tmp}: {e}. Free disk space or choose another "
                                 f"--cache-dir.") from None
-    with h5py.File(tmp, "r") as f:
-        splits = json.loads(f.attrs["splits_json"])
-        sizes = [int(f[s]["lengths"].shape[0]) for s in splits]
-        n_tokens = sum(int(f[s]["offsets"][-1]) for s in splits)
-        skipped, truncated = int(f["progress"][:].sum()), int(f.attrs["truncated_examples"])
-    n_total = sum(sizes)
+    summary = C.layout_summary(tmp)
+    n_total, n_tokens, skipped, truncated = (sum(summary["sizes"]), summary["tokens"], summary["committed"],
+                                             summary["truncated"])
     if skipped:
         print(f"resuming {tmp}: {skipped} of {n_total} examples ({skipped / n_total:.0%}) were committed before the "
               f"interruption; skipping them, computing the remaining {n_total - skipped}.")
@@ -208,43 +200,51 @@ def _up_to_date(out: str, cfg: Config, identity: dict, force: bool) -> bool:
 
 
 
-def _tokenize(batch, tokenizer, text_column, pair_column, max_length):
-    """datasets.map function: token ids, their count, and whether truncation cut the example."""
-    enc = tokenizer(batch[text_column], batch[pair_column] if pair_column else None, truncation=True,
-                    max_length=max_length)
-    ids = enc["input_ids"]
-    out = {"input_ids": ids, "length": [len(x) for x in ids]}
-    if enc.encodings is not None:  # fast tokenizers say what truncation cut
-        out["truncated"] = [bool(e.overflowing) for e in enc.encodings]
-    else:
-        out["truncated"] = [len(x) >= max_length for x in ids]
-    if pair_column and "token_type_ids" in enc:  # token types only where a text pair makes them
-        out["token_type_ids"] = enc["token_type_ids"]
-    return out
-
-
 def _plan(data, tokenizer, cfg: Config):
     """Tokenise every row once (batched, into Arrow on disk) and fix the layout of each split: examples sorted by
     length (stable), ragged offsets. Returns (plan, tokenised dataset, truncated count)."""
-    tokens = data.ds.map(_tokenize, batched=True, batch_size=1000, remove_columns=data.ds.column_names,
-                         fn_kwargs=dict(tokenizer=tokenizer, text_column=data.text_column,
-                                        pair_column=data.text_pair_column, max_length=cfg.max_length),
-                         desc="tokenize")
+    task = task_for(cfg.task)
+    index = tag_index(data.ds, cfg, data.label_names) if task.per_token else None
+    tokens = data.ds.map(task.encode, batched=True, batch_size=1000, remove_columns=data.ds.column_names,
+                         fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label_index=index), desc="tokenize")
     column = tokens.with_format("arrow").select_columns(["length", "truncated"])
     lengths_all = np.empty(len(tokens), dtype=np.int32)
     truncated = 0
     for start, batch in zip(range(0, len(tokens), _ROWS_PER_WRITE), column.iter(batch_size=_ROWS_PER_WRITE)):
         lengths_all[start:start + batch.num_rows] = batch.column("length").to_numpy()
         truncated += int(pc.sum(batch.column("truncated")).as_py() or 0)
+    if "words_cut" in tokens.column_names and truncated:
+        cut = int(pc.sum(tokens.with_format("arrow").select_columns(["words_cut"]).data.column(0)).as_py())
+        print(f"data: max_length={cfg.max_length} cuts {cut} words off the end of {truncated} sentences; those words "
+              f"get no prediction and are left out of every metric (evaluate reports them); raise --max-length to "
+              f"keep them.")
     plan = {}
     for split, idx in data.splits.items():
         lengths = lengths_all[idx]
         order = np.argsort(lengths, kind="stable")  # similar lengths together: minimal padding, contiguous writes
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths[order], out=offsets[1:])
-        plan[split] = SplitPlan(rows=idx[order], lengths=lengths[order], offsets=offsets)
+        plan[split] = C.SplitPlan(rows=idx[order], lengths=lengths[order], offsets=offsets)
     return plan, tokens, truncated
 
+
+
+def _attrs(cfg: Config, identity: dict, mconf, data, tokenizer, truncated: int) -> dict:
+    """The file's descriptive attributes (cache.create adds the layout's own)."""
+    return {
+        "identity_json": json.dumps(identity, sort_keys=True), "config_json": cfg.to_json(),
+        "cache_key_json": json.dumps(cfg.cache_key(), sort_keys=True), "model": cfg.model,
+        "model_type": mconf.model_type, "num_layers": mconf.num_hidden_layers, "hidden_size": mconf.hidden_size,
+        "weights_sha256_json": json.dumps(identity["weights_sha256"], sort_keys=True),
+        "tokenizer_json": json.dumps({
+            "class": type(tokenizer).__name__, "name_or_path": cfg.model, "sha256": identity["tokenizer_sha256"],
+            "max_length": cfg.max_length, "truncation": True, "truncation_side": tokenizer.truncation_side,
+            "padding": "none (ragged storage)", "text_column": cfg.text_column,
+            "text_pair_column": cfg.text_pair_column}),
+        "dataset_fingerprint": data.fingerprint, "num_labels": len(data.label_names) if data.label_names else 1,
+        "label_names_json": json.dumps(data.label_names), "task": cfg.task,
+        "versions_json": json.dumps(library_versions()), "created_unix": time.time(),
+        "truncated_examples": truncated, "pad_token_id": tokenizer.pad_token_id or 0}
 
 
 def _check_free_space(out: str, plan: dict, hidden_size: int, dtype: np.dtype) -> None:
@@ -260,138 +260,22 @@ def _check_free_space(out: str, plan: dict, hidden_size: int, dtype: np.dtype) -
 
 
 
-def _create(tmp, cfg, identity, mconf, data, tokenizer, plan, tokens, truncated) -> None:
-    """Lay out the whole file: attributes, per-example arrays, token ids in storage order, and every hidden array
-    allocated up front (so later writes are raw data only). /progress (one entry per batch of the plan: examples
-    committed) is created last: a file without it is not resumable and is redone."""
-    f = h5py.File(tmp, "w", libver="earliest")
-    a = f.attrs
-    a["format_version"] = C.FORMAT_VERSION
-    a["complete"] = False
-    a["identity_json"] = json.dumps(identity, sort_keys=True)
-    a["config_json"] = cfg.to_json()
-    a["cache_key_json"] = json.dumps(cfg.cache_key(), sort_keys=True)
-    a["model"] = cfg.model
-    a["model_type"] = mconf.model_type
-    a["num_layers"] = mconf.num_hidden_layers
-    a["hidden_size"] = mconf.hidden_size
-    a["depths_json"] = json.dumps(cfg.cache_depths())
-    a["dtype"] = cfg.cache_dtype
-    a["weights_sha256_json"] = json.dumps(identity["weights_sha256"], sort_keys=True)
-    a["tokenizer_json"] = json.dumps({
-        "class": type(tokenizer).__name__, "name_or_path": cfg.model, "sha256": identity["tokenizer_sha256"],
-        "max_length": cfg.max_length, "truncation": True, "truncation_side": tokenizer.truncation_side,
-        "padding": "none (ragged storage)", "text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column})
-    a["dataset_fingerprint"] = data.fingerprint
-    a["num_labels"] = len(data.label_names) if data.label_names else 1
-    a["label_names_json"] = json.dumps(data.label_names)
-    a["task"] = cfg.task
-    a["splits_json"] = json.dumps(list(plan))
-    a["versions_json"] = json.dumps(library_versions())
-    a["created_unix"] = time.time()
-    a["truncated_examples"] = truncated
-    a["pad_token_id"] = tokenizer.pad_token_id or 0
-    a["batch_rows"] = cfg.precompute_batch_size  # the plan's batches; a resume keeps them whatever its option says
-    id_dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    columns = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in tokens.column_names else [])
-    rows_of = tokens.with_format("arrow").select_columns(columns)
-    for split, p in plan.items():
-        g = f.create_group(split)
-        g["offsets"] = p.offsets
-        g["lengths"] = p.lengths
-        g["labels"] = data.labels[p.rows]
-        g["example_ids"] = p.rows  # int64 already
-        total = int(p.offsets[-1])
-        flat = {c: _contiguous(g, c, (total,), id_dtype if c == "input_ids" else np.int8) for c in columns}
-        for lo in range(0, len(p.rows), _ROWS_PER_WRITE):  # token ids in storage order, a block of rows at a time
-            block = rows_of[p.rows[lo:lo + _ROWS_PER_WRITE]]
-            s, e = int(p.offsets[lo]), int(p.offsets[min(lo + _ROWS_PER_WRITE, len(p.rows))])
-            for c in columns:
-                flat[c][s:e] = block.column(c).combine_chunks().flatten().to_numpy().astype(flat[c].dtype)
-            del block
-            release_heap()
-        for d in cfg.cache_depths():
-            _contiguous(g, f"layer_{d}/hidden", (total, mconf.hidden_size), C.STORAGE[cfg.cache_dtype][0])
-    n_batches = sum(-(-len(p.rows) // cfg.precompute_batch_size) for p in plan.values())
-    f.create_dataset("progress", data=np.zeros(n_batches, dtype=np.int32))
-    f.close()
-
-
-def _contiguous(group, name, shape, dtype) -> h5py.Dataset:
-    """A contiguous, unfiltered array allocated now (so its bytes can be written with pwrite and memory-mapped)."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl, fill_time="never")
-
-
 def _resumable(tmp: str, identity: dict) -> bool:
     """True if an interrupted `.tmp` was laid out (completely) for exactly these inputs; the plan is a pure function
     of them. Otherwise say why, remove it, start over."""
     try:
-        with h5py.File(tmp, "r") as f:
-            attrs = C.read_attrs(f)
-            if attrs.get("identity_json") != json.dumps(identity, sort_keys=True):
-                why = "it was started with other inputs (config, weights, tokenizer or data)"
-            elif "progress" not in f:
-                why = "it was interrupted before its layout was complete"
-            else:
-                return True
+        summary = C.layout_summary(tmp)
+        if summary["identity_json"] != json.dumps(identity, sort_keys=True):
+            why = "it was started with other inputs (config, weights, tokenizer or data)"
+        elif not summary["laid_out"]:
+            why = "it was interrupted before its layout was complete"
+        else:
+            return True
     except (OSError, KeyError) as e:
         why = f"it cannot be read ({e})"
     print(f"found an interrupted precompute {tmp}, but {why}; starting over.")
     os.remove(tmp)
     return False
-
-
-def _committed(tmp: str) -> int:
-    try:
-        with h5py.File(tmp, "r") as f:
-            return int(f["progress"][:].sum())
-    except (OSError, KeyError):
-        return 0
-
-
-@dataclass
-class _Batch:
-    index: int  # position in /progress
-    split: int
-    start: int  # first example (storage order) of the split
-    end: int
-
-
-def _batches(tmp: str) -> tuple[list, dict]:
-    """The plan's batches (split after split, batch_rows examples each) and the file layout the loop writes into
-    (with /progress: which batches are committed)."""
-    with h5py.File(tmp, "r") as f:
-        splits, bs = json.loads(f.attrs["splits_json"]), int(f.attrs["batch_rows"])
-        progress = f["progress"][:]
-        layout = {"splits": splits, "progress_offset": f["progress"].id.get_offset(),
-                  "pad": int(f.attrs["pad_token_id"]), "dtype": C.read_attrs(f)["dtype"],
-                  "offsets": [f[s]["offsets"][:] for s in splits], "lengths": [f[s]["lengths"][:] for s in splits],
-                  "hidden_offset": {(i, d): f[f"{s}/layer_{d}/hidden"].id.get_offset()
-                                    for i, s in enumerate(splits) for d in json.loads(f.attrs["depths_json"])},
-                  "ids": [C.map_array(tmp, f[s]["input_ids"]) for s in splits],
-                  "types": [C.map_array(tmp, f[s]["token_type_ids"]) if "token_type_ids" in f[s] else None
-                            for s in splits]}
-    layout["progress"] = progress
-    batches = [(si, lo, min(lo + bs, len(layout["lengths"][si])))
-               for si in range(len(splits)) for lo in range(0, len(layout["lengths"][si]), bs)]
-    return [_Batch(b, *x) for b, x in enumerate(batches)], layout
-
-
-def _inputs(layout: dict, b: _Batch) -> dict:
-    """The padded model inputs of one batch, from the token ids stored in the file (right padding)."""
-    lengths, offsets = layout["lengths"][b.split][b.start:b.end], layout["offsets"][b.split]
-    s, e = int(offsets[b.start]), int(offsets[b.end])
-    mask = np.arange(int(lengths.max())) < lengths[:, None]
-    ids = np.full(mask.shape, layout["pad"], dtype=np.int64)
-    ids[mask] = layout["ids"][b.split][s:e]
-    out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
-    if layout["types"][b.split] is not None:
-        types = np.zeros(mask.shape, dtype=np.int64)
-        types[mask] = layout["types"][b.split][s:e]
-        out["token_type_ids"] = torch.from_numpy(types)
-    return out
 
 
 def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
@@ -401,13 +285,12 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
     device = torch.device(device) if device else (state.device if state.num_processes > 1 else torch.device(
         "cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
     bottom = (bottom or load_bottom(replace(cfg, k=max(job.depths)))).to(device)
-    batches, layout = _batches(job.tmp)
-    mine = [b for b in batches
-            if layout["progress"][b.index] == 0 and b.index % state.num_processes == state.process_index]
-    storage = C.STORAGE[layout["dtype"]][1]
-    row_bytes = job.hidden_size * job.itemsize
+    layout, batch_rows = C.open_layout(job.tmp)
+    mine = [b for b in layout.batches(batch_rows)
+            if layout.progress[b.index] == 0 and b.index % state.num_processes == state.process_index]
+    storage = C.STORAGE[layout.dtype][1]
     fd = os.open(job.tmp, os.O_RDWR)
-    writer = _Writer(fd, layout["progress_offset"], cfg.commit_seconds, cfg.commit_mb << 20)
+    writer = _Writer(fd, layout.progress_at, cfg.commit_seconds, cfg.commit_mb << 20)
     bar = tqdm(total=sum(b.end - b.start for b in mine), desc=f"precompute depths={','.join(map(str, job.depths))}",
                unit="ex", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15,
                disable=not state.is_main_process)
@@ -415,19 +298,18 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
     try:
         with torch.inference_mode():
             for b in mine:
-                batch = {k: v.to(device, non_blocking=True) for k, v in _inputs(layout, b).items()}
+                batch = {k: v.to(device, non_blocking=True) for k, v in layout.inputs(b).items()}
                 mask = batch["attention_mask"].bool()
                 writes = []
                 # the state at depth d: the input of layer d (0: the embeddings' output)
                 for d, h in zip(job.depths, bottom_states(bottom, batch, job.depths)):
                     rows = h[mask]
                     if storage == torch.float16:
-                        _check_fp16_range(rows, d, b, layout["splits"][b.split])
+                        _check_fp16_range(rows, d, b, layout.splits[b.split])
                     rows = rows.to(storage)  # [sum(len), H], example after example, cast on the device
                     if storage == torch.bfloat16:  # written as its raw 16 bits
                         rows = rows.view(torch.int16)
-                    at = layout["hidden_offset"][b.split, d] + int(layout["offsets"][b.split][b.start]) * row_bytes
-                    writes.append((*_to_host(rows), at))
+                    writes.append((*_to_host(rows), layout.hidden_at(b, d)))
                 writer.put(writes, b.index, b.end - b.start)
                 done_tok += rows.shape[0]
                 bar.update(b.end - b.start)
@@ -443,7 +325,7 @@ def _loop(job: Job, cfg: Config, state, device, bottom=None) -> float:
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _check_fp16_range(rows: torch.Tensor, depth: int, b: "_Batch", split: str) -> None:
+def _check_fp16_range(rows: torch.Tensor, depth: int, b: C.PlanBatch, split: str) -> None:
     """Refuse states float16 cannot hold (they would be stored as inf): decoders' hidden states often exceed it.
     One small reduction and host read per batch and depth."""
     peak = float(rows.abs().max()) if rows.numel() else 0.0
@@ -471,8 +353,8 @@ class _Writer:
     when `seconds` have passed or `max_bytes` were written since the last one, and at close. A kill loses at most
     the uncommitted batches, which a rerun recomputes. Errors (a full disk) surface in the caller's next call."""
 
-    def __init__(self, fd: int, progress_offset: int, seconds: float, max_bytes: int):
-        self.fd, self.progress_offset, self.seconds, self.max_bytes = fd, progress_offset, seconds, max_bytes
+    def __init__(self, fd: int, progress_at, seconds: float, max_bytes: int):
+        self.fd, self.progress_at, self.seconds, self.max_bytes = fd, progress_at, seconds, max_bytes
         self.queue: queue.Queue = queue.Queue(maxsize=4)  # bounds the rows held in memory
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -524,22 +406,13 @@ class _Writer:
             return
         os.fsync(self.fd)  # the rows reach the disk before /progress says so
         for batch, examples in pending:
-            _pwrite_all(self.fd, np.int32(examples).tobytes(), self.progress_offset + 4 * batch)
+            _pwrite_all(self.fd, np.int32(examples).tobytes(), self.progress_at(batch))
 
 
 def _finish(job: Job) -> None:
     """Checksums of the bytes on disk, stats, `complete` last; then the atomic rename."""
-    t0 = time.perf_counter()
-    try:
-        with h5py.File(job.tmp, "r+") as f:
-            checksums = {name: C.dataset_sha256(f[name]) for name in C.array_names(f)}
-            job.totals["checksum_seconds"] = time.perf_counter() - t0
-            job.totals["seconds"] = time.perf_counter() - job.t_start
-            f.attrs["checksums_json"] = json.dumps(checksums, sort_keys=True)
-            f.attrs["stats_json"] = json.dumps(job.totals)
-            f.attrs["complete"] = True  # written last: a file without it is never used
-    except RuntimeError as e:  # h5py reports some failed writes (a flush) as RuntimeError
-        raise OSError(str(e)) from None
+    job.totals["seconds"] = time.perf_counter() - job.t_start  # before the checksums (as before format 4)
+    C.finish(job.tmp, job.totals)
     fd = os.open(job.tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

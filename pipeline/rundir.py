@@ -45,6 +45,7 @@ class TrainerState:
     best_step: int = -1
     best_epoch: int = 0
     best_depth: int = -1
+    best_thresholds: list | None = None  # multi-label: the decision thresholds of the best evaluation
     evals_since_best: int = 0
     stopped_early: bool = False
 
@@ -53,8 +54,9 @@ class TrainerState:
         self.total_seconds += self.seconds
         self.epoch, self.batches_done, self.loss_sum, self.tokens, self.seconds = epoch, 0, 0.0, 0, 0.0
 
-    def improved(self, cfg: Config, metrics: dict) -> bool:
-        name, higher = cfg.best_metric()
+    def improved(self, best: tuple, metrics: dict) -> bool:
+        """best: (metric name, True if higher is better), from Config.best_metric."""
+        name, higher = best
         value, best = metrics[name], self.best_metrics.get(name)
         return best is None or best != best or (value > best if higher else value < best)  # best != best: NaN
 
@@ -97,6 +99,10 @@ class RunDir:
 
     def results(self) -> dict:
         return self.read_json(RESULTS)
+
+    def thresholds(self) -> list | None:
+        """The decision thresholds of a finished multi-label run (one per label), or None."""
+        return self.results().get("thresholds") if self.finished() else None
 
     def metrics(self) -> list:
         if not os.path.exists(self.file(METRICS)):

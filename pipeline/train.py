@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -24,7 +23,7 @@ from .dist import process_state, share
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
 from .memory import release_heap
-from .metrics import compute_metrics
+from .tasks import IGNORE, Outputs, Task, task_for
 from .rundir import BEST, TOP_LAST, RunDir, TrainerState
 from .model import LAYER_KEY, carry_over, input_dtype, load_top
 
@@ -66,19 +65,24 @@ def build_optimizer(model, cfg: Config, total_steps: int, depth: int | None = No
     return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
-def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(predictions, labels, per-example losses) over exactly the split's examples from every process
-    (gather_for_metrics drops the duplicates that even out the last batch); all stay on the device until the end.
-    accelerator=None: one process, a plain loader."""
+def predictions(model, loader, accelerator, task: Task) -> Outputs:
+    """The task's scored items (predictions, labels, per-item losses) over exactly the split's examples from every
+    process (gather_for_metrics drops the duplicates that even out the last batch; per-token batches are padded to
+    one width across processes first); all stay on the device until the end. accelerator=None: one process, a
+    plain loader. The one inference loop of training, evaluate and the benchmarks."""
     model.eval()
     preds, refs, losses = [], [], []
     dtype = input_dtype(model)
     with torch.no_grad():
-        for batch in loader:
-            logits = model(inputs_embeds=batch["inputs_embeds"].to(dtype), attention_mask=batch["attention_mask"]).logits
+        for batch in loader:  # cached states (inputs_embeds) for a top, token ids for a whole model
+            inputs = {k: v.to(dtype) if k == "inputs_embeds" else v for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs).logits
             y = batch["labels"]
-            p, loss = score(logits, y, task)
+            p, loss = task.score(logits, y)
             if accelerator is not None:
+                if task.per_token:
+                    p, y, loss = (accelerator.pad_across_processes(t, dim=1, pad_index=v)
+                                  for t, v in ((p, 0), (y, IGNORE), (loss, 0)))
                 p, y, loss = accelerator.gather_for_metrics((p, y, loss))
             preds.append(p)
             refs.append(y)
@@ -86,20 +90,13 @@ def predictions(model, loader, accelerator, task: str) -> tuple[np.ndarray, np.n
             if len(preds) % LOG_EVERY == 0:
                 release_heap()
     model.train()
-    return tuple(torch.cat(t).cpu().numpy() for t in (preds, refs, losses))
+    return task.collect(preds, refs, losses)
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, per-example loss): argmax and cross-entropy, or the value and its squared error."""
-    logits = logits.float()
-    if task == "regression":
-        p = logits.squeeze(-1)
-        return p, (p - labels.float()) ** 2
-    return logits.argmax(-1), torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-
-
-def evaluate(model, loader, accelerator, task: str) -> dict:
-    return compute_metrics(task, *predictions(model, loader, accelerator, task))
+def evaluate(model, loader, accelerator, task: Task, label_names, tuning: str = "false") -> tuple[dict, list | None]:
+    """(metrics, decision thresholds or None): multi-label thresholds are 0.5 or tuned on these outputs."""
+    out, thresholds = task.decide(predictions(model, loader, accelerator, task), tuning)
+    return task.metrics(out, label_names), thresholds
 
 
 def _tracker_config(cfg: Config) -> dict:
@@ -129,6 +126,15 @@ class Session:
     @property
     def tracking(self) -> bool:
         return self.cfg.report_to != "none"
+
+    @property
+    def task(self) -> Task:
+        return task_for(self.cfg.task)
+
+    @property
+    def best(self) -> tuple:
+        """(metric that picks the best evaluation, True if higher is better)."""
+        return self.cfg.best_metric(self.info.label_names)
 
 
 @dataclass
@@ -171,7 +177,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
         prev = s.accelerator.unwrap_model(stage.model)
         if state.stopped_early:
             s.accelerator.print(f"early stopping: {cfg.early_stopping_patience} evaluation(s) in a row without a "
-                                f"better validation {cfg.best_metric()[0]}")
+                                f"better validation {s.best[0]}")
             break
     return save_result(s, stage, state, prev)
 
@@ -183,6 +189,7 @@ def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None
     info = open_cache(path, cfg)
     if "train" not in info.splits or "validation" not in info.splits:
         raise PipelineError(f"cache {path} lacks a train or validation split; rebuild it with `make precompute`.")
+    cfg.best_metric(info.label_names)  # --metric-for-best names a metric of this task and these labels
     tracking = cfg.report_to != "none"
     if tracking:
         _check_tracker(cfg.report_to)
@@ -214,7 +221,7 @@ def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None
 def already_finished(s: Session) -> dict:
     results = s.run.results()
     print(f"run {s.run.path} has already finished; its best evaluation:")
-    print(" ".join(f"{k}={v:.4f}" for k, v in results["metrics"].items()))
+    print(" ".join(f"{k}={v:.4f}" for k, v in task_for(s.cfg.task).headline(results["metrics"]).items()))
     return {"run_dir": s.run.path, **results["metrics"]}
 
 
@@ -302,15 +309,16 @@ def train_epoch(s: Session, stage: Stage, state: TrainerState) -> bool:
     max_steps_hit, dtype = False, input_dtype(model)
     for batch in bar:
         with acc.accumulate(model):
-            out = model(inputs_embeds=batch["inputs_embeds"].to(dtype), attention_mask=batch["attention_mask"],
-                        labels=batch["labels"])
-            acc.backward(out.loss)
+            logits = model(inputs_embeds=batch["inputs_embeds"].to(dtype),
+                           attention_mask=batch["attention_mask"]).logits
+            loss = s.task.loss(logits, batch["labels"])
+            acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             stage.optimizer.step()
             stage.scheduler.step()
             stage.optimizer.zero_grad()
-        totals.add(out.loss, batch["attention_mask"])  # on the device: no host sync per step
+        totals.add(loss, batch["attention_mask"])  # on the device: no host sync per step
         state.batches_done += 1
         if state.batches_done % LOG_EVERY == 0:
             release_heap()
@@ -341,11 +349,13 @@ def validate(s: Session, stage: Stage, state: TrainerState) -> None:
     """Evaluate on the validation split; log the record; keep the top if it is the best so far; count evaluations
     without improvement for early stopping."""
     cfg, acc = s.cfg, s.accelerator
-    metrics = evaluate(stage.model, stage.val_dl, acc, cfg.task)  # back in train mode after it
+    metrics, thresholds = evaluate(stage.model, stage.val_dl, acc, s.task, s.info.label_names,
+                                   cfg.threshold_tuning)  # back in train mode after it
     state.metrics = metrics
-    if state.improved(cfg, metrics):
+    if state.improved(s.best, metrics):
         state.best_metrics, state.best_step, state.best_epoch, state.best_depth = metrics, state.step, state.epoch, \
             stage.depth
+        state.best_thresholds = thresholds
         state.evals_since_best = 0
         if acc.is_main_process:
             s.run.save_top(BEST, acc.unwrap_model(stage.model).state_dict(), top_metadata(s, stage.depth, state))
@@ -385,7 +395,7 @@ def save_result(s: Session, stage: Stage, state: TrainerState, last) -> dict:
     results.json marks the run finished."""
     acc, cfg = s.accelerator, s.cfg
     acc.wait_for_everyone()
-    name, _ = cfg.best_metric()
+    name, _ = s.best
     if acc.is_main_process:
         if cfg.save_last:
             s.run.save_top(TOP_LAST, last.state_dict(), top_metadata(s, stage.depth, state))
@@ -395,14 +405,15 @@ def save_result(s: Session, stage: Stage, state: TrainerState, last) -> dict:
             "metric": name, "value": state.best_metrics[name], "step": state.best_step, "epoch": state.best_epoch,
             "depth": state.best_depth}, "last_metrics": state.metrics, "step": state.step,
             "stopped_early": state.stopped_early, "trainable_params": stage.trainable, "k": state.best_depth,
-            "train_seconds": state.total_seconds}, top_config)
+            "train_seconds": state.total_seconds,
+            **({"thresholds": state.best_thresholds} if state.best_thresholds else {})}, top_config)
     if s.tracking:
         acc.end_training()
     acc.print(f"run dir: {s.run.path}")
     acc.print(f"best: step {state.best_step} (epoch {state.best_epoch}) of {state.step}, by validation {name}"
               + ("; last: " + " ".join(f"{k}={v:.4f}" for k, v in state.metrics.items())
                  if state.best_step != state.step else ""))
-    acc.print(" ".join(f"{k}={v:.4f}" for k, v in state.best_metrics.items()))
+    acc.print(" ".join(f"{k}={v:.4f}" for k, v in s.task.headline(state.best_metrics).items()))
     return {"run_dir": s.run.path, **state.best_metrics}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from .cache import as_float32, check_cache, open_cache, read_attrs
+from .cache import check_cache, open_cache, read_attrs, read_examples, split_size
 from .config import Config
 from .errors import PipelineError
 from .model import (frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer, record_states,
@@ -25,18 +25,9 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
     full = load_full_model(cfg, info.num_labels, info.label_names).eval()
     top = split_top(copy.deepcopy(full), cfg.k).eval()
     tokenizer = load_tokenizer(cfg)
-    with h5py.File(path, "r") as f:
-        g = f[split]
-        offsets = g["offsets"][:]
-        n = len(offsets) - 1
-        picks = np.unique(np.linspace(0, n - 1, min(samples, n)).round().astype(int))
-        rows = []
-        for i in picks:
-            s, e = offsets[i], offsets[i + 1]
-            ex = {"input_ids": g["input_ids"][s:e].astype(np.int64).tolist()}
-            if "token_type_ids" in g:
-                ex["token_type_ids"] = g["token_type_ids"][s:e].astype(np.int64).tolist()
-            rows.append((ex, torch.from_numpy(as_float32(g[f"layer_{cfg.k}/hidden"][s:e], info.attrs["dtype"]))))
+    n = split_size(path, split)
+    picks = np.unique(np.linspace(0, n - 1, min(samples, n)).round().astype(int))
+    rows = read_examples(path, split, picks, cfg.k)
     # storage rounding: half an ulp of the cache dtype, plus float32 noise from another batch composition
     rtol, atol = {"float16": (2.0 ** -10, 1e-4), "bfloat16": (2.0 ** -7, 1e-4)}.get(info.attrs["dtype"], (1e-5, 1e-5))
     dtype = input_dtype(top)
@@ -56,7 +47,11 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
             max_hidden = max(max_hidden, float((ref - got).abs().max()))
             excess = max(excess, float(((ref - got).abs() - atol - rtol * ref.abs()).max()))
             logits = top(inputs_embeds=hidden.to(dtype), attention_mask=right.long()).logits
-            max_logit = max(max_logit, float((out.logits - logits).abs().max()))
+            if logits.dim() == 3:  # per-token logits: the real tokens of each side's padding
+                ref_logits, logits = out.logits[mask], logits[right]
+            else:
+                ref_logits = out.logits
+            max_logit = max(max_logit, float((ref_logits - logits).abs().max()))
     print(f"verified {len(rows)} {split} examples of {path} (cache dtype {info.attrs['dtype']}, k={cfg.k})")
     print(f"max_abs_hidden_diff={max_hidden:.3g}")
     print(f"max_abs_logit_diff={max_logit:.3g}")

@@ -119,9 +119,9 @@ def _frozen_full_model(cfg, data):
 
 
 def _metrics(preds, labels):
-    from pipeline.metrics import compute_metrics
+    from pipeline.tasks import TASKS
 
-    return compute_metrics("classification", preds, labels)
+    return TASKS["classification"]._metrics(preds, labels, None)
 
 
 def _real_tokens(rows):

