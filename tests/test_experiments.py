@@ -82,12 +82,12 @@ def test_strategies_equal_requires_grad_on_the_full_model(tmp_path, no_dropout_b
         assert not torch.equal(t, original[ref_name]), f"{ref_name} did not train"
 
 
-def test_export_gives_the_same_logits_and_predict_classifies_texts(tmp_path, tiny_model, small_csv):
+def test_export_gives_the_same_logits_and_predict_classifies_texts(tmp_path, tiny_model, small_csv, cli):
     cfg = _cfg(tmp_path, tiny_model("roberta"), small_csv, k=1, max_steps=3, lr=1e-3, run_name="r")
     path = precompute(cfg)
     train(cfg)
     run = tmp_path / "runs" / "r"
-    out = run_cli("export", "--run", run).stdout
+    out = cli("export", "--run", run).stdout
     assert "exported" in out
     exported = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
     assert exported.config.id2label == {0: "fresh", 1: "rotten"}
@@ -107,19 +107,19 @@ def test_export_gives_the_same_logits_and_predict_classifies_texts(tmp_path, tin
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     texts = ["A gripping, beautifully acted film.", "Flat, dull and far too long."]
-    from_export = run_cli("predict", "--model-dir", run / "export", *texts).stdout.strip().splitlines()
-    from_run = run_cli("predict", "--model-dir", run, *texts).stdout.strip().splitlines()
+    from_export = cli("predict", "--model-dir", run / "export", *texts).stdout.strip().splitlines()
+    from_run = cli("predict", "--model-dir", run, *texts).stdout.strip().splitlines()
     assert from_export == from_run and len(from_export) == 2
     for line, text in zip(from_export, texts):
         label, score, echoed = line.split("\t")
         assert label in ("fresh", "rotten") and 0.5 <= float(score) <= 1 and echoed == text
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    assert run_cli("predict", "--model-dir", run, "--file", tmp_path / "texts.txt").stdout.strip().splitlines() \
+    assert cli("predict", "--model-dir", run, "--file", tmp_path / "texts.txt").stdout.strip().splitlines() \
         == from_run
     piped = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--model-dir", str(run)], cwd=ROOT,
                            input="\n".join(texts), capture_output=True, text=True)
     assert piped.stdout.strip().splitlines() == from_run
-    bad = run_cli("predict", "--model-dir", tmp_path, "x", check=False)
+    bad = cli("predict", "--model-dir", tmp_path, "x", check=False)
     assert bad.returncode == 2 and "neither a run directory" in bad.stderr
 
 

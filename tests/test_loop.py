@@ -50,10 +50,10 @@ def _pair_opts(tmp_path, model, data, **kw):
                             text_column="#1 String", text_pair_column="#2 String", label_column="Quality", **kw))
 
 
-def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tiny_model, pair_files):
+def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tiny_model, pair_files, cli):
     train_file, test_file = pair_files
     opts = _pair_opts(tmp_path, tiny_model("bert"), train_file)
-    run_cli("precompute", *opts)
+    cli("precompute", *opts)
     (cache,) = (tmp_path / "cache").glob("*.h5")
     assert cache.name.startswith("pairs_train-k1-float32-")  # named after the data, not "default"
     assert not list((tmp_path / "cache").glob("*.lock"))
@@ -61,7 +61,7 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
         assert set(f["train/token_type_ids"][:].tolist()) == {0, 1}
         test_ids = f["test/example_ids"][:]
 
-    out = run_cli("train", *opts, "--epochs", 3, "--lr", "1e-3", "--metric-for-best", "loss", "--save-last",
+    out = cli("train", *opts, "--epochs", 3, "--lr", "1e-3", "--metric-for-best", "loss", "--save-last",
                   "true", "--run-name", "p").stdout
     run = RunDir(str(tmp_path / "runs" / "p"))
     records, results = run.metrics(), run.results()
@@ -74,12 +74,12 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
         assert st.metadata()["step"] == str(records[-1]["step"])
 
     # evaluate the validation split again: exactly the best record (top.safetensors is the best evaluation)
-    val = run_cli("evaluate", "--run", run.path, "--split", "validation").stdout
+    val = cli("evaluate", "--run", run.path, "--split", "validation").stdout
     got = json.load(open(run.file("eval_validation.json")))
     assert got["metrics"]["accuracy"] == best["val_accuracy"] and got["metrics"]["loss"] == pytest.approx(
         best["val_loss"], abs=1e-5) and "95% bootstrap CI" in val
     # the cached test split, with confidence intervals
-    run_cli("evaluate", "--run", run.path, "--save-predictions")
+    cli("evaluate", "--run", run.path, "--save-predictions")
     test = json.load(open(run.file("eval_test.json")))
     assert test["examples"] == len(test_ids) == 30 and test["split"] == "test"
     for name in ("accuracy", "f1"):
@@ -88,7 +88,7 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
     # the same rows as an external file go through the bottom + top: the same predictions
     all_rows = _pair_rows(0, 300)
     same = _write_tsv(tmp_path / "same_as_test.txt", [all_rows[i] for i in test_ids])
-    run_cli("evaluate", "--run", run.path, "--dataset", same, "--save-predictions")
+    cli("evaluate", "--run", run.path, "--dataset", same, "--save-predictions")
     ext = json.load(open(run.file("eval_same_as_test.json")))
     assert ext["metrics"]["accuracy"] == test["metrics"]["accuracy"] and ext["examples"] == 30
     assert ext["metrics"]["loss"] == pytest.approx(test["metrics"]["loss"], abs=1e-6), (ext, test)
@@ -100,23 +100,23 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
         c = cached[int(test_ids[j])]
         assert (r["label"], r["prediction"]) == (c["label"], c["prediction"]) and r["label"] in ("0", "1")
         assert float(r["loss"]) == pytest.approx(float(c["loss"]), abs=1e-6), (j, r, c)
-    out = run_cli("evaluate", "--run", run.path, "--dataset", test_file).stdout  # the "official" test file
+    out = cli("evaluate", "--run", run.path, "--dataset", test_file).stdout  # the "official" test file
     assert "40 examples" in out and os.path.exists(run.file("eval_pairs_test.json"))
-    bad = run_cli("evaluate", "--run", run.path, "--label-column", "x", check=False)
+    bad = cli("evaluate", "--run", run.path, "--label-column", "x", check=False)
     assert bad.returncode == 2 and "only apply with --dataset" in bad.stderr
 
     # export: world-readable like any save_pretrained output; predict takes pairs and refuses single texts
-    run_cli("export", "--run", run.path)
+    cli("export", "--run", run.path)
     for name in os.listdir(run.file("export")):
         assert os.stat(os.path.join(run.file("export"), name)).st_mode & stat.S_IROTH, name
     a, b = "A gripping, beautifully acted film.", "Flat, dull and far too long."
-    lines = run_cli("predict", "--model-dir", run.file("export"), a, "--text-pair", b).stdout.splitlines()
+    lines = cli("predict", "--model-dir", run.file("export"), a, "--text-pair", b).stdout.splitlines()
     label, score, first, second = lines[0].split("\t")
     assert len(lines) == 1 and label in ("0", "1") and 0.5 <= float(score) <= 1 and (first, second) == (a, b)
     (tmp_path / "pairs.tsv").write_text(f"{a}\t{b}\n{b}\t{a}\n")
-    from_file = run_cli("predict", "--model-dir", run.path, "--file", tmp_path / "pairs.tsv").stdout.splitlines()
+    from_file = cli("predict", "--model-dir", run.path, "--file", tmp_path / "pairs.tsv").stdout.splitlines()
     assert len(from_file) == 2 and from_file[0] == lines[0]
-    single = run_cli("predict", "--model-dir", run.file("export"), a, check=False)
+    single = cli("predict", "--model-dir", run.file("export"), a, check=False)
     assert single.returncode == 2 and "trained on text pairs" in single.stderr and "--text-pair" in single.stderr
 
 

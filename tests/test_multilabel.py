@@ -13,7 +13,7 @@ from pipeline.data import load_for_eval, load_labeled
 from pipeline.errors import PipelineError
 from pipeline.tasks import TASKS, Outputs
 
-from conftest import cli_args, options, run_cli
+from conftest import cli_args, options
 from test_tokens import wnut_sentences
 
 ML = "multi-label"
@@ -99,21 +99,21 @@ def test_thresholds_decide_and_metrics():
     assert set(task.headline(m)) == {"f1", "macro_f1", "subset_accuracy", "loss"}
 
 
-def test_cli_train_tuned_thresholds_evaluate_predict_export_pipeline(tmp_path, tiny_model, topics):
+def test_cli_train_tuned_thresholds_evaluate_predict_export_pipeline(tmp_path, tiny_model, topics, cli):
     folder, names = topics
     opts = ml_opts(tmp_path, tiny_model("bert"), str(folder / "topics.jsonl"), run_name="ml", epochs=2, lr=2e-3,
                    threshold_tuning="true")
-    run_cli("precompute", *cli_args(opts))
-    last = run_cli("train", *cli_args(opts)).stdout.strip().splitlines()[-1]
+    cli("precompute", *cli_args(opts))
+    last = cli("train", *cli_args(opts)).stdout.strip().splitlines()[-1]
     assert [kv.split("=")[0] for kv in last.split()] == ["f1", "macro_f1", "subset_accuracy", "loss"], last
     run = tmp_path / "runs" / "ml"
     res = json.loads((run / "results.json").read_text())
     assert len(res["thresholds"]) == len(names) and len(set(res["thresholds"])) == 1
-    run_cli("evaluate", "--run", run, "--resamples", "50")
+    cli("evaluate", "--run", run, "--resamples", "50")
     ev = json.loads((run / "eval_test.json").read_text())
     assert ev["thresholds"] == dict(zip(names, res["thresholds"])) and 0 <= ev["metrics"]["f1"] <= 1
     assert ev["ci95"]["f1"][0] <= ev["metrics"]["f1"] <= ev["ci95"]["f1"][1]
-    out = run_cli("export", "--run", run).stdout
+    out = cli("export", "--run", run).stdout
     assert "AutoModelForSequenceClassification" in out
     from transformers import pipeline
 
@@ -121,7 +121,7 @@ def test_cli_train_tuned_thresholds_evaluate_predict_export_pipeline(tmp_path, t
     texts = ["Justin Bieber live at Madison Square Garden tonight", "ugh monday again"]
     scores = clf(texts)
     assert all(len(s) == len(names) for s in scores)  # every label scored (sigmoid: they need not sum to 1)
-    printed = run_cli("predict", "--model-dir", run / "export", *texts).stdout.strip().splitlines()
+    printed = cli("predict", "--model-dir", run / "export", *texts).stdout.strip().splitlines()
     thr = res["thresholds"][0]
     for line, s in zip(printed, scores):
         want = sorted((d["label"], d["score"]) for d in s if d["score"] >= thr)

@@ -18,6 +18,7 @@ from pipeline.cache import CachedSplit, check_cache, open_cache, pad_ragged
 from pipeline.config import NER_DATA
 from pipeline.data import file_format, load_labeled, load_source
 from pipeline.errors import PipelineError
+from pipeline.export import predict
 from pipeline.model import carry_over, load_full_model, load_tokenizer, load_top
 from pipeline.precompute import precompute
 from pipeline.tasks import IGNORE, TASKS, Outputs, entity_scheme, iob2_breaks
@@ -260,16 +261,16 @@ def test_entity_metrics_token_accuracy_and_sentence_bootstrap():
 # --- the command line: train, evaluate (cache and file), predict, bad input -----------------------------------
 
 
-def test_cli_train_evaluate_predict_and_unknown_tags(tmp_path, tiny_model, ner_file):
+def test_cli_train_evaluate_predict_and_unknown_tags(tmp_path, tiny_model, ner_file, cli):
     opts = tok_opts(tmp_path, tiny_model("bert"), ner_file, run_name="ner", epochs=2, lr=1e-3)
-    run_cli("precompute", *cli_args(opts))
-    out = run_cli("train", *cli_args(opts)).stdout.strip().splitlines()
+    cli("precompute", *cli_args(opts))
+    out = cli("train", *cli_args(opts)).stdout.strip().splitlines()
     last = out[-1].split()
     assert [kv.split("=")[0] for kv in last] == ["accuracy", "f1", "loss"], out[-1]
     run = tmp_path / "runs" / "ner"
     res = json.loads((run / "results.json").read_text())
     assert res["best"]["metric"] == "f1" and 0 <= res["metrics"]["precision"] <= 1
-    ev = run_cli("evaluate", "--run", run, "--resamples", "50").stdout
+    ev = cli("evaluate", "--run", run, "--resamples", "50").stdout
     assert "(95% bootstrap CI)" in ev and "person" in ev and "scored tokens" in ev
     test = json.loads((run / "eval_test.json").read_text())
     # the same tweets as an external CoNLL file: the merged model scores the same tokens the same way
@@ -277,25 +278,41 @@ def test_cli_train_evaluate_predict_and_unknown_tags(tmp_path, tiny_model, ner_f
     data = load_labeled(cfg)
     test_rows = [data.ds[int(i)] for i in data.splits["test"]]
     ext = write_conll(tmp_path / "heldout.conll", [list(zip(r["text"], r["category"])) for r in test_rows])
-    run_cli("evaluate", "--run", run, "--dataset", ext, "--resamples", "50")
+    cli("evaluate", "--run", run, "--dataset", ext, "--resamples", "50")
     got = json.loads((run / "eval_heldout.json").read_text())
     assert got["scored_tokens"] == test["scored_tokens"]
     assert got["metrics"]["accuracy"] == test["metrics"]["accuracy"] and got["metrics"]["f1"] == test["metrics"]["f1"]
     assert got["metrics"]["loss"] == pytest.approx(test["metrics"]["loss"], abs=1e-3)  # fp16 cache vs exact
     # a tag the run does not know
     bad = write_conll(tmp_path / "bad.conll", [[("Paris", "B-city"), ("rocks", "O")]])
-    r = run_cli("evaluate", "--run", run, "--dataset", bad, check=False)
+    r = cli("evaluate", "--run", run, "--dataset", bad, check=False)
     assert r.returncode == 2 and "B-city" in r.stderr and "B-person" in r.stderr and "Traceback" not in r.stderr
     # predict: a word and its tag per line; --entities: spans
-    p = run_cli("predict", "--model-dir", run, "Justin Bieber in New York", "hello").stdout
+    p = cli("predict", "--model-dir", run, "Justin Bieber in New York", "hello").stdout
     blocks = p.strip("\n").split("\n\n")
     assert [line.split("\t")[0] for line in blocks[0].splitlines()] == ["Justin", "Bieber", "in", "New", "York"]
     assert blocks[1].split("\t")[0] == "hello" and blocks[1].split("\t")[1] in json.loads(
         (run / "config.json").read_text())["label_names"]
-    e = run_cli("predict", "--model-dir", run, "--entities", "Justin Bieber in New York").stdout
+    e = cli("predict", "--model-dir", run, "--entities", "Justin Bieber in New York").stdout
     for line in e.strip().splitlines():
         kind, first, last, text, score = line.split("\t")
         assert int(first) <= int(last) and 0 <= float(score) <= 1 and text
+    # the export: transformers' own token-classification pipeline tags as predict does. Words that are one
+    # sub-token each, so the pipeline's per-token tags are predict's per-word tags.
+    cli("export", "--run", run)
+    from transformers import pipeline
+
+    texts = ["john smith went to new york city today", "the new york times said paris and london", "i love music"]
+    tagger = pipeline("token-classification", model=str(run / "export"), aggregation_strategy="simple")
+    task, tagged = predict(str(run / "export"), texts)  # what `predict --entities` prints, before printing
+    spans = 0
+    for text, words, got in zip(texts, tagged, tagger(texts)):
+        ours = task.entities(words)
+        assert [(e["entity_group"], e["word"]) for e in got] == [(k, t) for k, _, _, t, _ in ours], (text, got, ours)
+        for e, row in zip(got, ours):
+            assert abs(e["score"] - row[4]) < 1e-3
+        spans += len(got)
+    assert spans > 0, "the comparison saw no entity at all"
 
 
 @pytest.mark.parametrize("content,message", [
