@@ -22,7 +22,7 @@ D := $(if $(DEPTHS),--depths $(DEPTHS))
 # N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale bench-memory test \
+.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale bench-memory bench-tokens test \
 	test-fast \
 	clean-cache
 
@@ -78,6 +78,12 @@ predict: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP) $(DATA)
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Token classification side by side (HF Trainer + AutoModelForTokenClassification vs ours): WNUT with the packaged
+# MiniLM, then a bert-base shape (random weights built locally), each method in its own process (~10 min)
+bench-tokens: $(STAMP) $(DATA)
+	$(PY) scripts/bench_tokens.py --shapes wnut
+	$(PY) scripts/bench_tokens.py --shapes bert-base
 
 # Scale benchmark: 1x/10x/100x corpora (the 100x cache is ~27 GB), precompute RSS and write rate vs the disk,
 # reader vs memcpy and vs the disk, RssAnon, 1 vs 2 processes; SCALE_ARGS="--sizes 1,10"

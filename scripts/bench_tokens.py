@@ -10,7 +10,7 @@ Shapes:
              with 10 of 12 layers frozen, on the same tweets, 1 epoch: the speed and memory row
 
 Usage: python scripts/bench_tokens.py [--shapes wnut,bert-base] [--epochs E] [--out DIR]
-Writes DIR/bench_tokens.json and .md and prints the Markdown table.
+Writes DIR/bench_tokens-<shapes>.json and .md and prints the Markdown table.
 """
 from __future__ import annotations
 
@@ -73,7 +73,9 @@ def _score(cfg, logits_by_sentence, data, names, resamples=1000) -> dict:
         groups.append(np.full(int(keep.sum()), i))
     out = Outputs(np.concatenate(preds), np.concatenate(labels), np.zeros(sum(map(len, labels))),
                   np.concatenate(groups))
-    return {"metrics": task.metrics(out, names),
+    metrics = task.metrics(out, names)
+    metrics.pop("loss")  # the usual side's logits come without the product's per-token losses
+    return {"metrics": metrics,
             "ci95": task.intervals(out, names, resamples=resamples) if resamples else {}}
 
 
@@ -211,7 +213,7 @@ def main() -> None:
         result["end_to_end_speedup"] = u["train_seconds"] / (o["precompute_seconds"] + o["train_seconds"])
         rows.append(result)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    with open(os.path.join(args.out, "bench_tokens.json"), "w") as fh:
+    with open(os.path.join(args.out, f"bench_tokens-{args.shapes.replace(',', '_')}.json"), "w") as fh:
         json.dump({"date": time.strftime("%Y-%m-%d"), "machine": machine, "rows": rows}, fh, indent=2)
 
     def f1(m):
@@ -229,7 +231,7 @@ def main() -> None:
                      f"(precompute + training vs training) **{r['end_to_end_speedup']:.2f}x** | | | "
                      f"{r['ours']['peak_rss_mb'] / r['usual']['peak_rss_mb']:.0%} |")
     md = "\n".join(lines)
-    with open(os.path.join(args.out, "bench_tokens.md"), "w") as fh:
+    with open(os.path.join(args.out, f"bench_tokens-{args.shapes.replace(',', '_')}.md"), "w") as fh:
         fh.write(f"{machine}, {time.strftime('%Y-%m-%d')}\n\n{md}\n")
     print(md)
 
