@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from .cache import CachedSplit, open_cache, pad_ragged, split_column
 from .config import Config
 from .errors import PipelineError
-from .model import load_top
+from .model import check_frozen_weights, load_top
 from .rundir import CONFIG, TOP, RunDir
 from .tasks import IGNORE, Outputs, task_for
 from .train import make_loader, predictions
@@ -83,9 +83,8 @@ def _top(run: RunDir, cfg: Config, info) -> tuple[torch.nn.Module, int]:
     with safe_open(top_file, "pt") as st:
         k = int(st.metadata()["k"])
     model, digest = load_top(replace(cfg, k=k, stages="", depths=""), info.num_labels, info.label_names)
-    if digest != info.weights_sha256[k]:
-        raise PipelineError(f"the frozen weights of {cfg.model!r} changed since {run.path} was trained; its top "
-                            f"would sit on other layers. Evaluate with the model the run was trained with.")
+    check_frozen_weights(digest, info.weights_sha256[k], cfg, k, f"the cache {run.path} was trained from",
+                         "Evaluate with the model the run was trained with.")
     model.load_state_dict(load_file(top_file))
     return model.eval(), k
 

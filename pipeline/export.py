@@ -20,7 +20,8 @@ from .config import Config
 from .errors import PipelineError
 from .tasks import task_for
 from .rundir import CONFIG, TOP, RunDir, readable_mode
-from .model import carry_over, frozen_weights_sha256, load_full_model, load_tokenizer, safetensors_files
+from .model import (carry_over, check_frozen_weights, frozen_weights_sha256, load_full_model, load_tokenizer,
+                    safetensors_files)
 
 
 def merged_model(run_dir: str):
@@ -39,9 +40,8 @@ def merged_model(run_dir: str):
     full = load_full_model(cfg, len(label_names) if label_names else 1, label_names)
     digest = frozen_weights_sha256(cfg, None if safetensors_files(cfg) else full.base_model)
     built = json.loads(saved["cache_attrs"]["weights_sha256_json"]).get(str(k))
-    if digest != built:
-        raise PipelineError(f"the frozen weights of {cfg.model!r} changed since {run_dir} was trained; the top "
-                            f"would sit on other layers. Export from the model the run was trained with.")
+    check_frozen_weights(digest, built, cfg, k, f"the cache {run_dir} was trained from",
+                         "Export from the model the run was trained with.")
     carry_over(load_file(top_file), full, shift=k)
     tokenizer = load_tokenizer(cfg)
     tokenizer.model_max_length = cfg.max_length  # predict truncates like training did

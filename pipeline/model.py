@@ -210,6 +210,14 @@ def frozen_weights_sha256(cfg: Config, base: nn.Module | None = None) -> str:
     return "file:" + h.hexdigest()
 
 
+def check_frozen_weights(digest: str, built: str | None, cfg: Config, depth: int, what: str, fix: str) -> None:
+    """The one frozen-weights check: the weights below `depth` hash to what built `what` (a cache, a run), else an
+    error naming the fix. Train, evaluate, export and check call it."""
+    if digest != built:
+        raise PipelineError(f"the frozen weights of {cfg.model!r} (embeddings + layers below {depth}) differ from "
+                            f"those that built {what}; the model changed since. {fix}")
+
+
 def load_bottom(cfg: Config) -> nn.Module:
     """The frozen part: embeddings + the first k layers, nothing more (no pooler, no upper layers, no final norm)."""
     path, mconf = load_model_config(cfg)

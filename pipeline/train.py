@@ -25,7 +25,7 @@ from .fsutil import ensure_writable_dir
 from .memory import release_heap
 from .tasks import IGNORE, Outputs, Task, task_for
 from .rundir import BEST, TOP_LAST, RunDir, TrainerState
-from .model import LAYER_KEY, carry_over, input_dtype, load_top
+from .model import LAYER_KEY, carry_over, check_frozen_weights, input_dtype, load_top
 
 
 def make_loader(ds: CachedSplit, cfg: Config, train: bool, pin: bool, g: torch.Generator) -> DataLoader:
@@ -230,10 +230,8 @@ def build_stage(s: Session, si: int, prev) -> Stage:
     schedule, prepared by Accelerate."""
     cfg, info, depth = s.cfg, s.info, s.stages[si]
     model, digest = load_top(replace(cfg, k=depth), info.num_labels, info.label_names)
-    if digest != info.weights_sha256[depth]:
-        raise PipelineError(
-            f"the frozen weights of {cfg.model!r} (embeddings + layers below {depth}) differ from those that "
-            f"built {s.path}; the model changed since precompute. Rebuild with `make precompute ARGS=--force`.")
+    check_frozen_weights(digest, info.weights_sha256[depth], cfg, depth, s.path,
+                         "Rebuild the cache with `make precompute ARGS=--force`.")
     if prev is not None:
         carry_over(prev.state_dict(), model, s.stages[si - 1] - depth)
     pin = s.accelerator.device.type == "cuda"

@@ -13,8 +13,8 @@ from accelerate.utils import set_seed
 from .cache import check_cache, open_cache, read_attrs, read_examples, split_size
 from .config import Config
 from .errors import PipelineError
-from .model import (frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer, record_states,
-                    safetensors_files, split_top)
+from .model import (check_frozen_weights, frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer,
+                    record_states, safetensors_files, split_top)
 
 
 def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split: str = "validation",
@@ -74,9 +74,11 @@ def check(cfg: Config, cache_path: str | None = None, recompute: int = 0) -> Non
         for d in json.loads(attrs["depths_json"]):
             at = replace(built, k=d)
             base = None if safetensors_files(at) else load_full_model(at, int(attrs["num_labels"])).base_model
-            if frozen_weights_sha256(at, base) != hashes[str(d)]:
-                problems.append(f"the frozen weights of {built.model!r} (embeddings + layers below {d}) are not "
-                                f"the ones that built the cache (sha256 differs)")
+            try:
+                check_frozen_weights(frozen_weights_sha256(at, base), hashes[str(d)], built, d, "the cache",
+                                     "(sha256 differs)")
+            except PipelineError as e:
+                problems.append(str(e))
             del base
             r = verify(at, path, samples=recompute)
             if r["hidden_within_tolerance"]:

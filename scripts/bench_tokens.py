@@ -23,39 +23,29 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _child(name, cfg_dict, queue):
+def _measured(name, cfg_dict) -> dict:
+    """One method in this (fresh) process, with its peak RSS."""
     os.chdir(ROOT)
     from pipeline.cli import quiet_libraries
 
     quiet_libraries()
     from pipeline import Config
 
-    try:
-        result = METHODS[name](Config.from_dict(cfg_dict))
-    except Exception as e:  # report, don't hang the parent
-        import traceback
-
-        queue.put({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
-        return
+    result = METHODS[name](Config.from_dict(cfg_dict))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(result)
+    return result
 
 
 def run_isolated(name, cfg) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, cfg.to_dict(), queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"{name} failed: {result['error']}\n{result['traceback']}")
-    return result
+    """A fresh spawned process per method (its exceptions come back with their traceback)."""
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_measured, name, cfg.to_dict()).result()
 
 
 def _score(cfg, logits_by_sentence, data, names, resamples=1000) -> dict:
