@@ -97,7 +97,7 @@ def sweep(base: Config, grid_file: str, jobs: int = 1) -> str:
         _run_parallel(todo, jobs)
     grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
     rows = [_row(cfg, info, out_dir, grid_keys) for cfg, info in zip(cfgs, infos)]
-    write_results(rows, out_dir, cfgs[0])  # the grid file's base may set --metric-for-best
+    write_results(rows, out_dir, cfgs[0], infos[0].label_names)  # the grid file's base may set --metric-for-best
     return out_dir
 
 
@@ -156,17 +156,18 @@ def _row(cfg: Config, info, out_dir: str, grid_keys: list) -> dict:
             "seconds": round(res["train_seconds"], 1), "trainable_params": res["trainable_params"]}
 
 
-def pick_best(rows: list, cfg: Config) -> int:
-    """Index of the row with the best validation --metric-for-best (validation only: test never picks)."""
-    name, higher = cfg.best_metric()
+def pick_best(rows: list, cfg: Config, label_names: list | None = None) -> int:
+    """Index of the row with the best validation --metric-for-best (validation only: test never picks); the label
+    names resolve `auto` as each run did (entity F1 for tags in an entity scheme)."""
+    name, higher = cfg.best_metric(label_names)
     values = [r[f"val_{name}"] for r in rows]
     ok = [i for i, v in enumerate(values) if v == v]  # not NaN
     return max(ok, key=lambda i: values[i] if higher else -values[i]) if ok else 0
 
 
-def write_results(rows: list, out_dir: str, cfg: Config) -> None:
+def write_results(rows: list, out_dir: str, cfg: Config, label_names: list | None = None) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    best = pick_best(rows, cfg)
+    best = pick_best(rows, cfg, label_names)
     for i, r in enumerate(rows):
         r["pick"] = "best" if i == best else ""
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -186,7 +187,7 @@ def write_results(rows: list, out_dir: str, cfg: Config) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, "results.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    name = cfg.best_metric()[0]
+    name = cfg.best_metric(label_names)[0]
     chosen = os.path.join(out_dir, rows[best]["run"])
     note = (f"best by validation {name}: {rows[best]['run']} ({rows[best][f'val_{name}']:.4f}). Only that run "
             f"should see the test split: python -m pipeline evaluate --run {chosen} --split test")

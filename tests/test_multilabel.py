@@ -52,7 +52,7 @@ def ml_opts(tmp_path, model, dataset, **kw):
     return options(tmp_path, model, dataset, task=ML, exclude_labels=None, label_column="labels", **kw)
 
 
-def test_three_label_sources_give_the_same_targets(topics):
+def test_three_label_sources_give_the_same_targets(topics, capsys):
     folder, names = topics
     a = load_labeled(make_config(dataset=str(folder / "topics.jsonl"), task=ML, label_column="labels",
                                  exclude_labels=None))
@@ -62,7 +62,9 @@ def test_three_label_sources_give_the_same_targets(topics):
                                  exclude_labels=None))
     assert a.label_names == b.label_names == c.label_names == names
     assert np.array_equal(a.labels, b.labels) and np.array_equal(a.labels, c.labels)
-    assert a.labels.shape == (200, len(names)) and (a.labels.sum(1) == 0).sum() > 50  # many tweets name nothing
+    none = int((a.labels.sum(1) == 0).sum())
+    assert a.labels.shape == (200, len(names)) and none > 50  # many tweets name nothing: kept, and counted
+    assert f"data: {none} of 200 rows carry no label; kept" in capsys.readouterr().out
     assert all(np.array_equal(a.splits[s], c.splits[s]) for s in a.splits)
 
 
@@ -113,6 +115,17 @@ def test_cli_train_tuned_thresholds_evaluate_predict_export_pipeline(tmp_path, t
     ev = json.loads((run / "eval_test.json").read_text())
     assert ev["thresholds"] == dict(zip(names, res["thresholds"])) and 0 <= ev["metrics"]["f1"] <= 1
     assert ev["ci95"]["f1"][0] <= ev["metrics"]["f1"] <= ev["ci95"]["f1"][1]
+    # the same test rows as an external file: the run's thresholds, the same scores
+    cfg = make_config(**{k: v for k, v in opts.items() if k not in ("run_name", "threshold_tuning")})
+    data = load_labeled(cfg)
+    rows = [json.loads(line) for line in open(folder / "topics.jsonl")]
+    ext = tmp_path / "heldout.jsonl"
+    ext.write_text("".join(json.dumps(rows[int(i)]) + "\n" for i in data.splits["test"]))
+    cli("evaluate", "--run", run, "--dataset", ext, "--resamples", "50")
+    got = json.loads((run / "eval_heldout.json").read_text())
+    assert got["metrics"]["f1"] == ev["metrics"]["f1"] and got["examples"] == ev["examples"]
+    assert got["metrics"]["loss"] == pytest.approx(ev["metrics"]["loss"], abs=1e-3)  # fp16 cache vs exact
+    assert "max_abs_logit_diff=" in cli("verify", *cli_args(opts)).stdout
     out = cli("export", "--run", run).stdout
     assert "AutoModelForSequenceClassification" in out
     from transformers import pipeline
