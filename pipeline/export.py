@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import replace
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -116,21 +117,31 @@ def predict(path: str, texts: list, pairs: list | None = None, batch_size: int =
                             "column of --file.")
     if pairs is not None and len(pairs) != len(texts):
         raise PipelineError(f"{len(texts)} texts but {len(pairs)} pairs: give one --text-pair per text.")
-    max_length = trained.get("max_length") or tokenizer.model_max_length
-    out = []
+    from .cache import pad_ragged
+    from .config import make_config
+
+    # the task's own encode (precompute's tokenisation), with the columns this function names
+    cfg = make_config(task=task.name, text_column="text", text_pair_column="pair" if pairs is not None else None,
+                      max_length=int(trained.get("max_length") or min(tokenizer.model_max_length, 1 << 20)))
+    pad, out = tokenizer.pad_token_id or 0, []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
+            batch = {"text": [t.split() for t in chunk] if task.per_token else chunk}
+            if pairs is not None:
+                batch["pair"] = pairs[i:i + batch_size]
+            enc = task.encode(batch, tokenizer, cfg)
+            lengths = np.asarray(enc["length"])
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            ids, mask = pad_ragged(np.concatenate(enc["input_ids"]), starts, lengths, pad)
+            inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+            if "token_type_ids" in enc:
+                inputs["token_type_ids"] = torch.from_numpy(pad_ragged(np.concatenate(enc["token_type_ids"]), starts,
+                                                                       lengths, 0)[0])
+            shown = task.show(model(**inputs).logits, model.config.id2label, trained)
             if task.per_token:
-                words = [t.split() for t in chunk]
-                enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
-                                padding=True, return_tensors="pt")
-                tags = task.show(model(**enc).logits, model.config.id2label, trained)
-                out += [task.words(words[j], enc.word_ids(j), tags[j]) for j in range(len(chunk))]
-                continue
-            second = pairs[i:i + batch_size] if pairs is not None else None
-            enc = tokenizer(chunk, second, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            out += task.show(model(**enc).logits, model.config.id2label, trained)
+                shown = [task.words(batch["text"][j], enc["word_ids"][j], shown[j]) for j in range(len(chunk))]
+            out += shown
     return task, out
 
 

@@ -427,10 +427,11 @@ class TokenClassification(Task):
 
     @staticmethod
     def words(words: list, word_ids: list, tags: list) -> list:
-        """[(word, tag, probability)] from each word's first sub-token; words cut off by max_length get no tag."""
+        """[(word, tag, probability)] from each word's first sub-token (word_ids: the word of each token, -1 or None
+        for special tokens); words cut off by max_length get no tag."""
         first = {}
         for pos, w in enumerate(word_ids):
-            if w is not None and w not in first:
+            if w is not None and w >= 0 and w not in first:
                 first[w] = tags[pos]
         return [(word, *first.get(j, (None, float("nan")))) for j, word in enumerate(words)]
 
