@@ -115,6 +115,14 @@ def test_cli_train_tuned_thresholds_evaluate_predict_export_pipeline(tmp_path, t
     ev = json.loads((run / "eval_test.json").read_text())
     assert ev["thresholds"] == dict(zip(names, res["thresholds"])) and 0 <= ev["metrics"]["f1"] <= 1
     assert ev["ci95"]["f1"][0] <= ev["metrics"]["f1"] <= ev["ci95"]["f1"][1]
+    # evaluate decided at the run's thresholds, not at 0.5 (which here predicts another label set)
+    from pipeline.evaluate import _cached
+    from pipeline.rundir import RunDir
+
+    scored = _cached(RunDir(str(run)), RunDir(str(run)).config(), "test", "cpu")[0]
+    task = TASKS[ML]
+    at_run, at_half = task.decide(scored, thresholds=res["thresholds"])[0], task.decide(scored)[0]
+    assert task.metrics(at_run, names)["f1"] == ev["metrics"]["f1"] != task.metrics(at_half, names)["f1"]
     # the same test rows as an external file: the run's thresholds, the same scores
     cfg = make_config(**{k: v for k, v in opts.items() if k not in ("run_name", "threshold_tuning")})
     data = load_labeled(cfg)
