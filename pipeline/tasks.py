@@ -94,9 +94,15 @@ class Task:
         return getattr(transformers, self.head)
 
     # --- loss and predictions ---
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch (the Hugging Face head's own formula)."""
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of a batch (the Hugging Face head's own formula). Per-token tasks: with `items` (the
+        scored tokens of the whole global batch / the number of processes) the sum over this process's tokens
+        divided by it, so that the processes' averaged gradients are the one-process gradient of the token mean."""
         raise NotImplementedError
+
+    def scored_items(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many items of a batch the loss averages over (per-token tasks: the scored tokens)."""
+        return torch.tensor(labels.shape[0], device=labels.device)
 
     def score(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions, loss of each item), shaped like labels."""
@@ -205,7 +211,7 @@ class Classification(Task):
             raise PipelineError(f"label column {cfg.label_column!r} has only one class {names}; need at least 2.")
         return Labels(ids, names, stratify=True)
 
-    def loss(self, logits, labels):
+    def loss(self, logits, labels, items=None):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
     def score(self, logits, labels):
@@ -235,7 +241,7 @@ class Regression(Task):
 
         return Labels(read_example_labels(ds, cfg, numeric=True)[0], None)
 
-    def loss(self, logits, labels):
+    def loss(self, logits, labels, items=None):
         return F.mse_loss(logits.squeeze(), labels.squeeze())
 
     def score(self, logits, labels):
@@ -349,8 +355,14 @@ class TokenClassification(Task):
         out.pop("problem_type")
         return out
 
-    def loss(self, logits, labels):
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE)
+    def loss(self, logits, labels, items=None):
+        flat, targets = logits.float().view(-1, logits.shape[-1]), labels.view(-1)
+        if items is None:
+            return F.cross_entropy(flat, targets, ignore_index=IGNORE)
+        return F.cross_entropy(flat, targets, ignore_index=IGNORE, reduction="sum") / items
+
+    def scored_items(self, labels):
+        return (labels != IGNORE).sum()
 
     def score(self, logits, labels):
         logits = logits.float()
@@ -479,7 +491,7 @@ class MultiLabel(Task):
                 out[:, run_names.index(n)] = values[:, j]
         return out
 
-    def loss(self, logits, labels):
+    def loss(self, logits, labels, items=None):
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def score(self, logits, labels):

@@ -309,7 +309,10 @@ def train_epoch(s: Session, stage: Stage, state: TrainerState) -> bool:
         with acc.accumulate(model):
             logits = model(inputs_embeds=batch["inputs_embeds"].to(dtype),
                            attention_mask=batch["attention_mask"]).logits
-            loss = s.task.loss(logits, batch["labels"])
+            items = None
+            if s.task.per_token and acc.num_processes > 1:  # processes hold different numbers of scored tokens
+                items = acc.reduce(s.task.scored_items(batch["labels"]), "sum") / acc.num_processes
+            loss = s.task.loss(logits, batch["labels"], items)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

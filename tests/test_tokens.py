@@ -355,3 +355,20 @@ def test_wnut_default_preset_reads_the_packaged_tweets():
     sizes = {k: len(v) for k, v in data.splits.items()}
     assert sizes == {"train": 1916, "validation": 239, "test": 239}
     assert make_config("ner").best_metric(data.label_names) == ("f1", True)
+
+
+def test_two_processes_train_a_token_task_like_one(tmp_path, tiny_model, ner_file):
+    """The batch is global: each of 2 processes takes half of it and holds another number of scored tokens. The
+    loss is the token mean of the whole batch either way (each process's sum over the global count), and the
+    per-token validation outputs are padded to one width before they are gathered: 2 processes give the
+    1-process weights and validation metrics."""
+    from test_scale import ONE_THREAD, _assert_close, _torchrun, _weights
+
+    opts = cli_args(tok_opts(tmp_path, tiny_model("bert", dropout=False), ner_file, epochs=1, lr=1e-3,
+                             checkpoint_every=-1, max_length=32))
+    run_cli("precompute", *opts)
+    single = run_cli("train", *opts, "--run-name", "one", env=ONE_THREAD).stdout
+    ddp = _torchrun("train", *opts, "--run-name", "two").stdout
+    assert "2 process(es)" in ddp and "1 process(es)" in single
+    assert single.strip().splitlines()[-1] == ddp.strip().splitlines()[-1]  # the same validation metrics
+    _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "two"))
