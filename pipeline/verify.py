@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from .cache import check_cache, open_cache, read_attrs, read_examples, split_size
+from .cache import check_cache, open_cache, pad_index, read_attrs, read_examples, split_size
 from .config import Config
 from .errors import PipelineError
 from .model import (check_frozen_weights, frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer,
@@ -42,7 +42,9 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
             mask = enc["attention_mask"].bool()
             lengths = mask.sum(-1)
             right = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
-            hidden = torch.nn.utils.rnn.pad_sequence([h for _, h in chunk], batch_first=True)
+            sizes = np.asarray([len(h) for _, h in chunk])
+            index, _ = pad_index(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+            hidden = torch.cat([h for _, h in chunk])[torch.from_numpy(index)] * right[..., None]  # cache layout
             ref, got = states[cfg.k].float()[mask], hidden[right]
             max_hidden = max(max_hidden, float((ref - got).abs().max()))
             excess = max(excess, float(((ref - got).abs() - atol - rtol * ref.abs()).max()))

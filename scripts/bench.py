@@ -90,6 +90,17 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _encode(cfg, data, tok, idx) -> dict:
+    """The product's tokenisation (the task's encode, as precompute does it) of these rows: {input_ids,
+    token_type_ids for pairs} as lists."""
+    from pipeline.tasks import task_for
+
+    texts, pairs = data.texts_at(idx)
+    batch = {cfg.text_column: texts, **({cfg.text_pair_column: pairs} if pairs is not None else {})}
+    enc = task_for(cfg.task).encode(batch, tok, cfg)
+    return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+
 def _tokenized(cfg):
     """Train/validation token ids of the product's own split (same rows, same order as the cache was built from)."""
     from pipeline.data import load_labeled
@@ -100,7 +111,7 @@ def _tokenized(cfg):
     out = {}
     for split in ("train", "validation"):
         idx = data.splits[split]
-        enc = tok(*data.texts_at(idx), truncation=True, max_length=cfg.max_length)
+        enc = _encode(cfg, data, tok, idx)
         out[split] = [{**{k: enc[k][j] for k in enc}, "labels": int(data.labels[i])} for j, i in enumerate(idx)]
     return data, tok, out
 
@@ -364,7 +375,7 @@ def bottom_forward(cfg):
     dev = _device()
     bottom = load_bottom(cfg).to(dev)
     idx = np.concatenate(list(data.splits.values()))
-    enc = tok(*data.texts_at(idx), truncation=True, max_length=cfg.max_length)
+    enc = _encode(cfg, data, tok, idx)
     order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
     bs = cfg.precompute_batch_size
     batches = [tok.pad({k: [enc[k][i] for i in order[s:s + bs]] for k in enc}, return_tensors="pt")
