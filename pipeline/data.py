@@ -35,19 +35,26 @@ def file_format(cfg: Config) -> str | None:
     fmt = _FORMATS.get(os.path.splitext(base)[1].lower())
     if fmt is None and os.path.isfile(path):
         fmt = _sniff(path)
+    elif fmt == "tsv" and os.path.isfile(path) and _looks_like_conll(_head(path).decode("utf-8", errors="replace")):
+        fmt = "conll"  # a .tsv without a header: CoNLL columns
     return fmt
+
+
+def _head(path: str) -> bytes:
+    """The first 64 KiB of a (possibly compressed) file."""
+    _, compression = strip_compression(path)
+    try:
+        with _OPEN.get(compression, open)(path, "rb") as fh:
+            return fh.read(1 << 16)
+    except (OSError, EOFError) as e:
+        raise PipelineError(f"cannot read dataset {path!r}: {e}") from None
 
 
 def _sniff(path: str) -> str:
     """The format of a file with a .txt or unknown extension: parquet by its magic bytes, JSON (lines) by a leading
     { or [, CoNLL columns (one word per line, blank lines between sentences), else tab- or comma-separated by its
     header line."""
-    _, compression = strip_compression(path)
-    try:
-        with _OPEN.get(compression, open)(path, "rb") as fh:
-            head = fh.read(1 << 16)
-    except (OSError, EOFError) as e:
-        raise PipelineError(f"cannot read dataset {path!r}: {e}") from None
+    head = _head(path)
     if head.startswith(b"PAR1"):
         return "parquet"
     text = head.decode("utf-8", errors="replace").lstrip("\ufeff \r\n\t")
@@ -67,15 +74,18 @@ def _sniff(path: str) -> str:
 
 
 def _looks_like_conll(head: str) -> bool:
-    """One word per line: sentences separated by blank (or whitespace-only) lines or -DOCSTART-, and (nearly) every
-    other line split into the same number (>= 2) of columns; lines of running text vary in width."""
+    """One word per line: sentences separated by blank (or whitespace-only) lines or -DOCSTART-, (nearly) every
+    other line split into the same number (>= 2) of columns, and (nearly) no space inside the first column: lines
+    of running text vary in width, and tab-separated texts hold spaces."""
     lines = head.split("\n")[:-1] or head.split("\n")  # the last line of a 64 KiB head may be cut
     words = [ln for ln in lines if ln.strip() and not ln.startswith("-DOCSTART-")]
     breaks = len(lines) - len(words)
     if not words or not breaks:
         return False
-    widths = np.bincount([len(_columns(ln)) for ln in words])
-    return int(widths.argmax()) >= 2 and widths.max() >= 0.98 * len(words)
+    cols = [_columns(ln) for ln in words]
+    widths = np.bincount([len(c) for c in cols])
+    spaced = sum(1 for c in cols if " " in c[0].strip())  # a word column holds words, not running text
+    return int(widths.argmax()) >= 2 and widths.max() >= 0.98 * len(words) and spaced <= 0.02 * len(words)
 
 
 def _columns(line: str) -> list:

@@ -87,9 +87,13 @@ def test_conll_columns_docstart_whitespace_separators_and_label_column(tmp_path)
     assert file_format(cfg) == "conll"
     assert load_source(cfg)["category"] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
     assert load_source(replace(cfg, label_column="1"))["1"] == [["NNP", "VBZ"], ["NNP", "NNP"]]
-    # a pandas-style TSV with a header is not CoNLL
-    (tmp_path / "d.txt").write_text("text\tlabel\nan ok film\tfresh\nflat and dull\trotten\n")
+    # the same as a .tsv without a header: CoNLL too; a pandas-style TSV with a header is not CoNLL
+    (tmp_path / "c.tsv").write_text(rows.replace(" ", "\t"))
+    assert file_format(make_config(dataset=str(tmp_path / "c.tsv"), task=TOKENS)) == "conll"
+    (tmp_path / "d.txt").write_text("text\tlabel\nan ok film\tfresh\n\nflat and dull\trotten\n")
     assert file_format(make_config(dataset=str(tmp_path / "d.txt"))) == "tsv"
+    (tmp_path / "d.tsv").write_text("text\tlabel\nan ok film\tfresh\nflat and dull\trotten\n")
+    assert file_format(make_config(dataset=str(tmp_path / "d.tsv"))) == "tsv"
 
 
 @pytest.mark.fast
