@@ -69,7 +69,7 @@ def predictions(model, loader, accelerator, task: Task) -> Outputs:
     """The task's scored items (predictions, labels, per-item losses) over exactly the split's examples from every
     process (gather_for_metrics drops the duplicates that even out the last batch; per-token batches are padded to
     one width across processes first); all stay on the device until the end. accelerator=None: one process, a
-    plain loader. The one inference loop of training, evaluate and the benchmarks."""
+    plain loader. The one inference loop of training and evaluate (cached splits and external files)."""
     model.eval()
     preds, refs, losses = [], [], []
     dtype = input_dtype(model)
