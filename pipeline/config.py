@@ -141,8 +141,10 @@ class Config:
             problems.append(f"lr={self.lr} must be > 0")
         if not (0 <= self.warmup_ratio < 1):
             problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if self.num_labels < 0 or (self.task == "regression" and self.num_labels > 1):
-            problems.append(f"num_labels={self.num_labels} must be >= 0 (0 = from the data; 1 for regression)")
+        from .tasks import TASKS
+
+        if self.num_labels < 0 or (self.task in TASKS and TASKS[self.task].numeric and self.num_labels > 1):
+            problems.append(f"num_labels={self.num_labels} must be >= 0 (0 = from the data; 1 for {self.task})")
         if self.max_examples < 0:
             problems.append(f"max_examples={self.max_examples} must be >= 0 (0 = all)")
         for name in ("depths", "stages"):
@@ -163,8 +165,6 @@ class Config:
             problems.append(f"checkpoint_every={self.checkpoint_every} must be >= -1 (-1 = never, 0 = epoch ends)")
         if self.commit_seconds < 0 or self.commit_mb < 1:
             problems.append(f"commit_seconds={self.commit_seconds} must be >= 0 and commit_mb={self.commit_mb} >= 1")
-        from .tasks import TASKS
-
         known = list(TASKS[self.task].higher_is_better) + ["loss"] if self.task in TASKS else []
         if self.metric_for_best != "auto" and self.metric_for_best not in known:
             problems.append(f"metric_for_best={self.metric_for_best!r} does not apply to task={self.task!r} "

@@ -56,6 +56,7 @@ class Task:
     name = ""
     per_token = False  # targets per token (cache: token_labels + word_ids) instead of per example (labels)
     filters_by_label = False  # --exclude-labels applies (one label value per row)
+    numeric = False  # the target is one number (num_labels = 1)
     head = "AutoModelForSequenceClassification"
     problem_type = "single_label_classification"
     higher_is_better: dict = {}  # metric -> True if higher is better (loss is always there, lower is better)
@@ -233,6 +234,7 @@ class Classification(Task):
 class Regression(Task):
     name = "regression"
     filters_by_label = True
+    numeric = True
     problem_type = "regression"
     higher_is_better = {"mse": False, "pearson": True, "spearman": True}
 
