@@ -141,17 +141,22 @@ def _assert_close(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_dropout_model, small_csv):
-    # 128 train examples, global batch 8: 16 full batches per epoch, each split 4 + 4 over the processes
-    opts = cli_args(dict(model=no_dropout_model, dataset=small_csv, cache_dir=tmp_path / "cache",
-                         runs_dir=tmp_path / "runs", depths="1,2,3", stages="3,2,1", epochs=2, max_length=64,
-                         batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=5))
+def assert_two_processes_train_like_one(tmp_path, opts):
+    """Precompute, then train runs "one" (1 process) and "two" (torchrun, 2): the same validation line and weights."""
     run_cli("precompute", *opts)
     single = run_cli("train", *opts, "--run-name", "one", env=ONE_THREAD).stdout
     ddp = _torchrun("train", *opts, "--run-name", "two").stdout
     assert "2 process(es)" in ddp and "1 process(es)" in single
     assert single.strip().splitlines()[-1] == ddp.strip().splitlines()[-1]  # the same validation metrics
     _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "two"))
+
+
+def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_dropout_model, small_csv):
+    # 128 train examples, global batch 8: 16 full batches per epoch, each split 4 + 4 over the processes
+    opts = cli_args(dict(model=no_dropout_model, dataset=small_csv, cache_dir=tmp_path / "cache",
+                         runs_dir=tmp_path / "runs", depths="1,2,3", stages="3,2,1", epochs=2, max_length=64,
+                         batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=5))
+    assert_two_processes_train_like_one(tmp_path, opts)
 
     # killed mid-stage 2 after a checkpoint, then resumed with 2 processes: still the single-process result
     proc = _torchrun("train", *opts, "--run-name", "killed", popen=True)

@@ -366,13 +366,7 @@ def test_two_processes_train_a_token_task_like_one(tmp_path, tiny_model, ner_fil
     loss is the token mean of the whole batch either way (each process's sum over the global count), and the
     per-token validation outputs are padded to one width before they are gathered: 2 processes give the
     1-process weights and validation metrics."""
-    from test_scale import ONE_THREAD, _assert_close, _torchrun, _weights
+    from test_scale import assert_two_processes_train_like_one
 
-    opts = cli_args(tok_opts(tmp_path, tiny_model("bert", dropout=False), ner_file, epochs=1, lr=1e-3,
-                             checkpoint_every=-1, max_length=32))
-    run_cli("precompute", *opts)
-    single = run_cli("train", *opts, "--run-name", "one", env=ONE_THREAD).stdout
-    ddp = _torchrun("train", *opts, "--run-name", "two").stdout
-    assert "2 process(es)" in ddp and "1 process(es)" in single
-    assert single.strip().splitlines()[-1] == ddp.strip().splitlines()[-1]  # the same validation metrics
-    _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "two"))
+    assert_two_processes_train_like_one(tmp_path, cli_args(tok_opts(
+        tmp_path, tiny_model("bert", dropout=False), ner_file, epochs=1, lr=1e-3, checkpoint_every=-1, max_length=32)))
