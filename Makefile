@@ -22,7 +22,7 @@ D := $(if $(DEPTHS),--depths $(DEPTHS))
 # N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train evaluate verify check sweep export predict bench bench-scale bench-memory bench-tokens test \
+.PHONY: setup data precompute train evaluate verify check sweep search export predict bench bench-scale bench-memory bench-tokens test \
 	test-fast \
 	clean-cache
 
@@ -65,6 +65,13 @@ check: $(STAMP)
 # JOBS=N runs N at once in separate processes (one GPU each, or a share of the CPU cores)
 sweep: $(STAMP) $(DATA)
 	$(PY) -m pipeline sweep --preset $(PRESET) --grid $(SWEEP) --jobs $(JOBS) $(ARGS)
+
+# Hyperparameter search with pruning (Optuna) from one multi-depth cache: SPACE=<space.json> TRIALS=N; the study
+# lives in cache/runs/<name>.db and the same command continues it
+SPACE ?= sweeps/search-default.json
+TRIALS ?= 10
+search: $(STAMP) $(DATA)
+	$(PY) -m pipeline search --preset $(PRESET) --space $(SPACE) --trials $(TRIALS) $(ARGS)
 
 # RUN=cache/runs/<name>: one Hugging Face folder (frozen bottom + trained top) in <run>/export
 export: $(STAMP)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("verify", "compare full-model logits with cache + top on real cached examples"),
                         ("check", "validate a cache file: structure, checksums, finite values; optionally recompute "
                                   "a sample of rows"),
-                        ("sweep", "run a grid of trainings (lr, seed, depth, strategy) from one cache; table + plot")):
+                        ("sweep", "run a grid of trainings (lr, seed, depth, strategy) from one cache; table + plot"),
+                        ("search", "hyperparameter search with pruning (Optuna) from one multi-depth cache")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)}")
         p.add_argument("--config", help="JSON file of Config fields (applied after the preset, before options)")
@@ -54,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: wait until it is done; 0: fail at once)")
         else:
             p.add_argument("--cache", help="use this cache file instead of the one derived from the config")
+        if name == "search":
+            p.add_argument("--space", required=True, help="JSON search space: {\"name\", \"base\": {fixed options}, "
+                                                          "\"space\": {field: {\"type\": float|int|categorical, ...}}}")
+            p.add_argument("--trials", type=int, default=10, help="finished trials the study should hold in all")
+            p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S s")
+            p.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe", help="seeded by --seed")
+            p.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+            p.add_argument("--storage", default=None, metavar="URL",
+                           help="Optuna storage URL (default: sqlite:///<runs-dir>/<study>.db)")
+            p.add_argument("--study-name", default=None, help="default: the space file's name")
         if name == "sweep":
             p.add_argument("--grid", required=True, help="JSON grid file (see sweeps/default.json)")
             p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -182,6 +193,13 @@ def main(argv=None) -> None:
             if args.jobs < 1:
                 raise PipelineError(f"--jobs {args.jobs}: give 1 or more runs at once.")
             sweep(cfg, args.grid, args.jobs)
+        elif args.command == "search":
+            from .search import search
+
+            if args.trials < 1:
+                raise PipelineError(f"--trials {args.trials}: give 1 or more.")
+            search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
+                   args.study_name)
         elif args.command == "verify":
             from .verify import verify
 

@@ -122,6 +122,7 @@ class Session:
     run: RunDir
     stages: list  # depth of each stage
     shared: dict | None  # sweeps: cached split readers kept across runs
+    on_evaluate: object = None  # callable(metrics, step) after each validation (search: report, maybe prune)
 
     @property
     def tracking(self) -> bool:
@@ -155,11 +156,14 @@ class Stage:
         return (self.index + 1) * cfg.epochs
 
 
-def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shared: dict | None = None) -> dict:
+def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shared: dict | None = None,
+          on_evaluate=None) -> dict:
     """Train the top on cached states. With cfg.stages, gradual unfreezing: one stage per depth, cfg.epochs each,
     every stage starting from the previous stage's weights. The best validation evaluation is the run's result.
-    `shared` (sweeps) keeps the cached split readers across runs."""
+    `shared` (sweeps) keeps the cached split readers across runs; on_evaluate(metrics, step) is called after each
+    validation (a search reports to its study there, and may stop the run by raising)."""
     s, ckpt, state = setup(cfg, cache_path, resume, shared)
+    s.on_evaluate = on_evaluate
     if s.run.finished():
         return already_finished(s)
     state = state or TrainerState()
@@ -372,6 +376,8 @@ def validate(s: Session, stage: Stage, state: TrainerState) -> None:
         acc.log({k: v for k, v in record.items() if k not in ("epoch", "best")}, step=state.step)
     if acc.is_main_process:
         s.run.append_metrics(record)
+    if s.on_evaluate is not None:
+        s.on_evaluate(metrics, state.step)
 
 
 def top_metadata(s: Session, depth: int, state: TrainerState) -> dict:

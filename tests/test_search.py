@@ -1,0 +1,77 @@
+"""Hyperparameter search on Optuna from one multi-depth cache: trials are ordinary runs that report every
+evaluation and stop when the median pruner says so; the study lives in SQLite beside the runs and a rerun
+continues it; bad spaces are refused before any trial. Real tiny model, real data, a real SQLite study."""
+import json
+
+import optuna
+import pytest
+
+from pipeline.errors import PipelineError
+
+from conftest import cli_args, options
+
+
+def _space(tmp_path, space, base=None, name="s"):
+    p = tmp_path / f"{name}.json"
+    p.write_text(json.dumps({"name": name, "base": base or {}, "space": space}))
+    return p
+
+
+def test_search_prunes_reports_every_evaluation_and_continues(tmp_path, tiny_model, small_csv, cli):
+    space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+                              "k": {"type": "categorical", "choices": [1, 2]}},
+                   base={"epochs": 2, "eval_every": 4, "checkpoint_every": -1})
+    opts = cli_args(options(tmp_path, tiny_model("bert"), small_csv))
+    out = cli("search", "--space", space, "--trials", 8, *opts).stdout
+    db = tmp_path / "runs" / "s.db"
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 8 and set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "the median pruner stopped no trial"
+    for t in study.trials:
+        run = tmp_path / "runs" / f"s-{t.number:04d}"
+        records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        # every evaluation was reported to the study at its step
+        assert {r["step"]: r["val_accuracy"] for r in records} == t.intermediate_values
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert json.loads((run / "pruned.json").read_text())["step"] == max(t.intermediate_values)
+            assert not (run / "results.json").exists()
+        else:
+            assert json.loads((run / "results.json").read_text())["metrics"]["accuracy"] == t.value
+    assert {t.params["k"] for t in study.trials} <= {1, 2}
+    (cache,) = (tmp_path / "cache").glob("*.h5")
+    assert "-k1_2-" in cache.name  # one cache holds every depth the space names
+    best = study.best_trial
+    assert f"best trial {best.number}: accuracy={best.value:.4f}" in out
+    assert f"python -m pipeline evaluate --run {tmp_path / 'runs' / f's-{best.number:04d}'}" in out
+    table = (tmp_path / "runs" / "s.md").read_text()
+    assert table.count("| pruned |") == len(pruned) and "(s-0000)" in table
+    # the same command with a larger --trials continues the study
+    cli("search", "--space", space, "--trials", 9, *opts)
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials) == 9
+    # the same study name with another space is refused
+    other = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, name="s")
+    r = cli("search", "--space", other, "--trials", 10, *opts, check=False)
+    assert r.returncode == 2 and "another search space" in r.stderr
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3}}, "'learning_rate' is not a Config field"),
+    ({"lr": {"type": "float", "low": 1e-3, "high": 1e-5}}, "needs numbers low < high"),
+    ({"lr": {"type": "float", "low": 0, "high": 1e-3, "log": True}}, "a log scale needs low > 0"),
+    ({"k": {"type": "categorical", "choices": []}}, "non-empty list"),
+    ({"lr": {"type": "normal"}}, "type must be one of float, int, categorical"),
+])
+def test_bad_spaces_are_refused_before_any_trial(tmp_path, space, message):
+    from pipeline.search import read_space
+
+    with pytest.raises(PipelineError, match=message):
+        read_space(_space(tmp_path, space))
+
+
+def test_a_depth_the_model_lacks_is_refused(tmp_path, tiny_model, small_csv, cli):
+    space = _space(tmp_path, {"k": {"type": "categorical", "choices": [1, 7]}})
+    r = cli("search", "--space", space, *cli_args(options(tmp_path, tiny_model("bert"), small_csv)), check=False)
+    assert r.returncode == 2 and "depth 7 is out of range" in r.stderr
+    assert not (tmp_path / "runs" / "s.db").exists()
