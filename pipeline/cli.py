@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--storage", default=None, metavar="URL",
                            help="Optuna storage URL (default: sqlite:///<runs-dir>/<study>.db)")
             p.add_argument("--study-name", default=None, help="default: the space file's name")
+            p.add_argument("--jobs", type=int, default=1, metavar="N",
+                           help="worker processes on this machine against the one study (a share of the CPU cores "
+                                "each, or one GPU each); other machines run the same command with the same "
+                                "--storage and --study-name")
         if name == "sweep":
             p.add_argument("--grid", required=True, help="JSON grid file (see sweeps/default.json)")
             p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -196,10 +200,13 @@ def main(argv=None) -> None:
         elif args.command == "search":
             from .search import search
 
-            if args.trials < 1:
-                raise PipelineError(f"--trials {args.trials}: give 1 or more.")
-            search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
-                   args.study_name)
+            if args.trials < 1 or args.jobs < 1:
+                raise PipelineError(f"--trials {args.trials} and --jobs {args.jobs}: give 1 or more.")
+            from .search import workers
+
+            with workers(args.jobs, list(sys.argv[1:] if argv is None else argv)):
+                search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
+                       args.study_name)
         elif args.command == "verify":
             from .verify import verify
 

@@ -13,9 +13,12 @@ it up to --trials trials in all.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import subprocess
+import sys
 from dataclasses import fields, replace
 
 from .config import Config
@@ -118,9 +121,10 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
     os.makedirs(cfg.runs_dir, exist_ok=True)
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(cfg.runs_dir, name + '.db'))}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend = open_storage(storage)
     identity = json.dumps({"space": space, "base": base, "metric": metric}, sort_keys=True)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+        study = optuna.create_study(storage=backend, study_name=name, load_if_exists=True,
                                     direction="maximize" if higher else "minimize",
                                     sampler=_sampler(sampler, space, cfg.seed), pruner=_pruner(pruner))
     except Exception as e:  # unreachable database, bad URL
@@ -136,6 +140,7 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
         params = suggest(trial, space)
         run_name = f"{name}-{trial.number:04d}"
         trial.set_user_attr("run_dir", os.path.join(cfg.runs_dir, run_name))
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         tcfg = replace(cfg, **params, run_name=run_name)
 
         def report(metrics: dict, step: int) -> None:
@@ -149,10 +154,13 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
         return result[metric]
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    todo = trials - len(study.get_trials(deepcopy=False, states=finished))
-    if todo > 0:
-        study.optimize(objective, n_trials=todo, timeout=timeout, catch=())
+    if len(study.get_trials(deepcopy=False, states=finished)) < trials:
+        # every worker on this study (this process, --jobs, other machines) stops once it holds `trials` in all
+        # (running trials count too, so that workers finishing together do not start more than asked)
+        study.optimize(objective, timeout=timeout, catch=(), callbacks=[optuna.study.MaxTrialsCallback(
+            trials, states=(*finished, optuna.trial.TrialState.RUNNING))])
     _write_table(study, cfg.runs_dir, name, metric)
+    _plots(study, cfg.runs_dir, name)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     print(f"study {name}: {len(done)} complete, {pruned} pruned trials in {storage}")
@@ -163,6 +171,83 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
         print(f"only the best trial sees the test split: python -m pipeline evaluate --run "
               f"{best.user_attrs['run_dir']}")
     return study
+
+
+@contextlib.contextmanager
+def workers(jobs: int, argv: list):
+    """jobs - 1 more worker processes running this same search command (with --jobs 1) against the same study while
+    this process works too; each gets a share of the CPU cores (or one GPU each). Waits for them at the end."""
+    if jobs == 1:
+        yield
+        return
+    import torch
+
+    args = list(argv)
+    i = args.index("--jobs")
+    args[i + 1] = "1"
+    gpus = torch.cuda.device_count()
+    threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // jobs)
+    procs = []
+    for j in range(1, jobs):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(j % gpus)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env))
+    torch.set_num_threads(threads)
+    if gpus:
+        torch.cuda.set_device(0)
+    try:
+        yield
+    finally:
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise PipelineError(f"{sum(1 for c in codes if c)} of {jobs - 1} search worker process(es) failed "
+                                f"(exit codes {codes}); rerun the command to continue the study.")
+
+
+def open_storage(url: str):
+    """An Optuna storage: a journal file (a path ending in .log, or journal:///path: for shared filesystems), or a
+    database URL (sqlite:///…, postgresql://…, mysql://… through SQLAlchemy)."""
+    import optuna
+
+    if url.startswith("journal:///") or url.endswith(".log"):
+        path = url[len("journal://"):] if url.startswith("journal:///") else url
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(path))
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+    except Exception as e:  # unreachable server, bad URL, missing driver
+        raise PipelineError(f"cannot open --storage {url!r}: {str(e).splitlines()[0]}. Check the URL and that the "
+                            f"database is reachable (default: an SQLite file beside the runs).") from None
+
+
+def _plots(study, runs_dir: str, name: str) -> None:
+    """<runs>/<study>_history.png, _importances.png, _parallel.png (optuna.visualization.matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    plots = {"history": vis.plot_optimization_history}
+    if len(done) >= 2 and len({k for t in done for k in t.params}) >= 1:
+        plots["parallel"] = vis.plot_parallel_coordinate
+    if len(done) >= 2 and len(study.trials[0].params) >= 2:
+        plots["importances"] = vis.plot_param_importances
+    import warnings
+
+    for kind, fn in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks matplotlib plots experimental
+            try:
+                ax = fn(study)
+            except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
+                continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+        fig.savefig(os.path.join(runs_dir, f"{name}_{kind}.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
 
 def _write_table(study, runs_dir: str, name: str, metric: str) -> None:

@@ -75,3 +75,24 @@ def test_a_depth_the_model_lacks_is_refused(tmp_path, tiny_model, small_csv, cli
     r = cli("search", "--space", space, *cli_args(options(tmp_path, tiny_model("bert"), small_csv)), check=False)
     assert r.returncode == 2 and "depth 7 is out of range" in r.stderr
     assert not (tmp_path / "runs" / "s.db").exists()
+
+
+def test_two_worker_processes_share_one_journal_file_study(tmp_path, tiny_model, small_csv, cli):
+    """--jobs 2: this process and one more worker process run trials of one study kept in a journal file (the
+    storage for a shared filesystem); together they finish exactly the trials asked, each once."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                              "seed": {"type": "int", "low": 1, "high": 50}},
+                   base={"epochs": 20, "checkpoint_every": -1})  # ~1.5 s a trial; the 2nd worker starts in ~5 s
+    journal = tmp_path / "study.log"
+    opts = cli_args(options(tmp_path, tiny_model("bert"), small_csv))
+    out = cli("search", "--space", space, "--trials", 12, "--jobs", 2, "--storage", journal, "--pruner", "none",
+              *opts).stdout
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert len(study.trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both processes ran trials
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert runs == [f"s-{i:04d}" for i in range(12)]  # each trial once, in its own run directory
+    assert all((tmp_path / "runs" / r / "results.json").exists() for r in runs)
+    assert "best trial" in out and (tmp_path / "runs" / "s_history.png").stat().st_size > 0
