@@ -96,3 +96,11 @@ def test_two_worker_processes_share_one_journal_file_study(tmp_path, tiny_model,
     assert runs == [f"s-{i:04d}" for i in range(12)]  # each trial once, in its own run directory
     assert all((tmp_path / "runs" / r / "results.json").exists() for r in runs)
     assert "best trial" in out and (tmp_path / "runs" / "s_history.png").stat().st_size > 0
+
+
+def test_a_storage_that_cannot_be_opened_is_refused(tmp_path, tiny_model, small_csv, cli):
+    space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}})
+    r = cli("search", "--space", space, "--storage", f"sqlite:///{tmp_path}/no/such/folder/s.db",
+            *cli_args(options(tmp_path, tiny_model("bert"), small_csv)), check=False)
+    assert r.returncode == 2 and "cannot open --storage" in r.stderr
+    assert not (tmp_path / "runs" / "s-0000").exists()  # no trial ran
