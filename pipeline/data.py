@@ -122,14 +122,15 @@ def _conll_rows(path: str, fmt: str, tag_field):
             else:
                 if width is None:
                     width, first = len(cols), number
+                    if tag_field is not None and tag_field >= width:
+                        raise PipelineError(f"--label-column {tag_field}: {path} has {width} columns "
+                                            f"(0..{width - 1}).")
                 if len(cols) != width or width < 2:
                     raise PipelineError(
                         f"{path}, line {number}: {len(cols)} column(s), but line {first} has {width}; every word line "
                         f"of a CoNLL file has the same columns (word first, tags in column --label-column, default "
                         f"the last). Fix that line.")
                 word, tag = cols[0], cols[-1 if tag_field is None else tag_field]
-                if tag_field is not None and tag_field >= width:
-                    raise PipelineError(f"--label-column {tag_field}: {path} has {width} columns (0..{width - 1}).")
             if not word.strip():
                 raise PipelineError(f"{path}, line {number}: the word column is empty; every word line needs a word.")
             words.append(word)
@@ -140,9 +141,7 @@ def _conll_rows(path: str, fmt: str, tag_field):
 
 def _load_conll(cfg: Config, fmt: str) -> datasets.Dataset:
     """A CoNLL / CoNLL-U file as rows of words (column cfg.text_column) and tags (cfg.label_column)."""
-    from .config import Config as _C
-
-    default = _C.__dataclass_fields__["label_column"].default
+    default = Config.__dataclass_fields__["label_column"].default
     label = cfg.label_column
     if cfg.split != "train":
         raise PipelineError(f"--split {cfg.split!r}: a {fmt} file is one split (train), divided by --val-fraction and "

@@ -87,6 +87,8 @@ def test_conll_columns_docstart_whitespace_separators_and_label_column(tmp_path)
     assert file_format(cfg) == "conll"
     assert load_source(cfg)["category"] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
     assert load_source(replace(cfg, label_column="1"))["1"] == [["NNP", "VBZ"], ["NNP", "NNP"]]
+    with pytest.raises(PipelineError, match=r"--label-column 7: .* has 4 columns \(0..3\)"):
+        load_source(replace(cfg, label_column="7"))
     # the same as a .tsv without a header: CoNLL too; a pandas-style TSV with a header is not CoNLL
     (tmp_path / "c.tsv").write_text(rows.replace(" ", "\t"))
     assert file_format(make_config(dataset=str(tmp_path / "c.tsv"), task=TOKENS)) == "conll"
