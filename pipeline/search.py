@@ -182,9 +182,12 @@ def workers(jobs: int, argv: list):
         return
     import torch
 
-    args = list(argv)
-    i = args.index("--jobs")
-    args[i + 1] = "1"
+    args, skip = [], False  # the same command with --jobs 1 (given as "--jobs N" or "--jobs=N")
+    for a in argv:
+        if not skip and not a.startswith("--jobs"):
+            args.append(a)
+        skip = a == "--jobs"
+    args += ["--jobs", "1"]
     gpus = torch.cuda.device_count()
     threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // jobs)
     procs = []
