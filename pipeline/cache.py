@@ -48,7 +48,7 @@ from .config import Config
 from .errors import PipelineError
 from .memory import release_heap
 
-IGNORE = -100  # a token target that is not scored (tasks.IGNORE)
+IGNORE = -100  # the target of a token that is not scored (stored in token_labels; the loss ignores it)
 
 FORMAT_VERSION = 4
 # storage dtype name -> (numpy dtype of the HDF5 array, torch dtype of the values). numpy has no bfloat16: those
@@ -156,7 +156,7 @@ def structure_problems(f: h5py.File, attrs: dict) -> list:
         for name in ("labels", "token_labels"):
             if classes and name in g and g[name].shape[0] and not problems:
                 v = g[name][:]
-                v = v[v != -100]
+                v = v[v != IGNORE]
                 if len(v) and (v.min() < 0 or v.max() >= num_labels):
                     problems.append(f"/{split}/{name} range {v.min()}..{v.max()} is outside 0..{num_labels - 1}")
     return problems
@@ -457,6 +457,19 @@ def pad_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, value)
     return np.where(mask, flat[rows], value).astype(np.int64), mask
 
 
+def pad_lists(rows: dict, pads: dict) -> dict:
+    """A batch of encoded rows (column -> one list per example, and "length") as padded int64 [B, W] arrays, one per
+    column named in `pads` (column -> padding value; input_ids first) that the rows have, plus attention_mask."""
+    lengths = np.asarray(rows["length"])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out = {}
+    for column, value in pads.items():
+        if column in rows:
+            out[column], mask = pad_ragged(np.concatenate(rows[column]), starts, lengths, value)
+    out["attention_mask"] = mask.astype(np.int64)
+    return out
+
+
 def single_batch(batch):
     """collate_fn for a dataset that returns whole batches (CachedSplit with a batch sampler)."""
     return batch
@@ -529,7 +542,7 @@ def create(tmp: str, attrs: dict, plan: dict, labels: np.ndarray | None, tokens,
     kinds = {"input_ids": np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32,
              "token_type_ids": np.int8, "token_labels": np.int16, "word_ids": np.int32}
     columns = [c for c in kinds if c in tokens.column_names]
-    rows_of = tokens.with_format("arrow").select_columns(columns + (["words_cut"] if labels is None else []))
+    rows_of = tokens.with_format("arrow").select_columns(columns)
     for split, p in plan.items():
         g = f.create_group(split)
         g["offsets"] = p.offsets
@@ -676,11 +689,6 @@ def read_examples(path: str, split: str, picks, depth: int) -> list:
                 ex["token_type_ids"] = g["token_type_ids"][s:e].astype(np.int64).tolist()
             rows.append((ex, torch.from_numpy(as_float32(hidden[s:e], dtype))))
         return rows
-
-
-def split_size(path: str, split: str) -> int:
-    with h5py.File(path, "r") as f:
-        return int(f[split]["lengths"].shape[0])
 
 
 def split_column(path: str, split: str, name: str) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .cache import CachedSplit, open_cache, pad_ragged, split_column
+from .cache import CachedSplit, open_cache, pad_lists, split_column
 from .config import Config
 from .errors import PipelineError
 from .model import check_frozen_weights, load_top
@@ -35,14 +35,15 @@ def evaluate_run(run_dir: str, split: str = "test", dataset: str | None = None, 
     else:
         cfg = replace(cfg, dataset=dataset, split="train", max_examples=0, **(overrides or {}))
         name, (out, ids, cut) = cfg.data_name(), _external(run, cfg, names, device)
-    out, _ = task.decide(out, thresholds=run.thresholds())  # multi-label: the run's thresholds
+    thresholds = run.thresholds()
+    out, _ = task.decide(out, thresholds=thresholds)  # multi-label: the run's thresholds
     metrics = task.metrics(out, names)
     ci = task.intervals(out, names, resamples=resamples)
     result = {"split": split if dataset is None else None, "dataset": dataset, "examples": out.examples,
               "metrics": metrics, "ci95": ci, "bootstrap_resamples": resamples, "run": run.path,
               "best_step": results["best"]["step"]}
-    if run.thresholds():
-        result["thresholds"] = dict(zip(names, run.thresholds()))
+    if thresholds:
+        result["thresholds"] = dict(zip(names, thresholds))
     if task.per_token:
         result.update({"scored_tokens": int(len(out.labels)), "words_cut": int(cut.sum()),
                        "sentences_cut": int((cut > 0).sum()), "per_type": task.entity_report(out, names)})
@@ -119,7 +120,7 @@ def _external(run: RunDir, cfg: Config, names, device):
 
     model, tokenizer, _ = merged_model(run.path)
     task = task_for(cfg.task)
-    ds, labels = load_for_eval(cfg, names if names is not None else None)
+    ds, labels = load_for_eval(cfg, names)
     index = tag_index(ds, cfg, names) if task.per_token else None
     tokens = ds.map(task.encode, batched=True, batch_size=1000, remove_columns=ds.column_names,
                     fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label_index=index), desc="tokenize")
@@ -129,15 +130,9 @@ def _external(run: RunDir, cfg: Config, names, device):
     def batches():
         for start in range(0, len(tokens), cfg.eval_batch_size):
             rows = tokens[start:start + cfg.eval_batch_size]
-            lengths = np.asarray(rows["length"])
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            flat = {c: np.concatenate(rows[c]) for c in ("input_ids", "token_type_ids", "token_labels") if c in rows}
-            ids, mask = pad_ragged(flat["input_ids"], starts, lengths, pad)
-            batch = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
-            if "token_type_ids" in flat:
-                batch["token_type_ids"] = pad_ragged(flat["token_type_ids"], starts, lengths, 0)[0]
-            batch["labels"] = pad_ragged(flat["token_labels"], starts, lengths, IGNORE)[0] if task.per_token \
-                else labels[start:start + len(lengths)]
+            batch = pad_lists(rows, {"input_ids": pad, "token_type_ids": 0, "token_labels": IGNORE})
+            end = start + len(rows["length"])
+            batch["labels"] = batch.pop("token_labels") if task.per_token else labels[start:end]
             yield {n: torch.from_numpy(np.asarray(t)).to(device) for n, t in batch.items()}
 
     out = predictions(model, batches(), None, task)

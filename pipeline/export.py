@@ -12,7 +12,6 @@ import os
 import sys
 from dataclasses import replace
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -47,8 +46,9 @@ def merged_model(run_dir: str):
     tokenizer = load_tokenizer(cfg)
     tokenizer.model_max_length = cfg.max_length  # predict truncates like training did
     # what predict needs to feed the model like training did; kept in the exported config.json
+    thresholds = run.thresholds()
     full.config.frozen_top = {"k": k, "text_pair_column": cfg.text_pair_column, "max_length": cfg.max_length,
-                              "task": cfg.task, **({"thresholds": run.thresholds()} if run.thresholds() else {})}
+                              "task": cfg.task, **({"thresholds": thresholds} if thresholds else {})}
     return full.eval(), tokenizer, cfg
 
 
@@ -117,7 +117,7 @@ def predict(path: str, texts: list, pairs: list | None = None, batch_size: int =
                             "column of --file.")
     if pairs is not None and len(pairs) != len(texts):
         raise PipelineError(f"{len(texts)} texts but {len(pairs)} pairs: give one --text-pair per text.")
-    from .cache import pad_ragged
+    from .cache import pad_lists
     from .config import make_config
 
     # the task's own encode (precompute's tokenisation), with the columns this function names
@@ -131,13 +131,8 @@ def predict(path: str, texts: list, pairs: list | None = None, batch_size: int =
             if pairs is not None:
                 batch["pair"] = pairs[i:i + batch_size]
             enc = task.encode(batch, tokenizer, cfg)
-            lengths = np.asarray(enc["length"])
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            ids, mask = pad_ragged(np.concatenate(enc["input_ids"]), starts, lengths, pad)
-            inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
-            if "token_type_ids" in enc:
-                inputs["token_type_ids"] = torch.from_numpy(pad_ragged(np.concatenate(enc["token_type_ids"]), starts,
-                                                                       lengths, 0)[0])
+            padded = pad_lists(enc, {"input_ids": pad, "token_type_ids": 0})
+            inputs = {n: torch.from_numpy(t) for n, t in padded.items()}
             shown = task.show(model(**inputs).logits, model.config.id2label, trained)
             if task.per_token:
                 shown = [task.words(batch["text"][j], enc["word_ids"][j], shown[j]) for j in range(len(chunk))]

@@ -52,7 +52,6 @@ _IDENTITY_WORDS = {
     "tokenizer_settings": "the tokenizer settings (truncation side, model_max_length)",
     "dataset_fingerprint": "the dataset contents (texts, labels or rows)",
 }
-_ROWS_PER_WRITE = C.ROWS_PER_WRITE
 
 
 def library_versions() -> dict:
@@ -210,7 +209,7 @@ def _plan(data, tokenizer, cfg: Config):
     column = tokens.with_format("arrow").select_columns(["length", "truncated"])
     lengths_all = np.empty(len(tokens), dtype=np.int32)
     truncated = 0
-    for start, batch in zip(range(0, len(tokens), _ROWS_PER_WRITE), column.iter(batch_size=_ROWS_PER_WRITE)):
+    for start, batch in zip(range(0, len(tokens), C.ROWS_PER_WRITE), column.iter(batch_size=C.ROWS_PER_WRITE)):
         lengths_all[start:start + batch.num_rows] = batch.column("length").to_numpy()
         truncated += int(pc.sum(batch.column("truncated")).as_py() or 0)
     if "words_cut" in tokens.column_names and truncated:

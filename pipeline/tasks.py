@@ -13,7 +13,6 @@ Adding a task is one entry of TASKS plus its tests; the pipeline never tests the
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -25,9 +24,8 @@ import transformers
 from scipy.stats import bootstrap, pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
 
+from .cache import IGNORE  # target of a token that is not scored (padding, special tokens, later sub-tokens)
 from .errors import PipelineError
-
-IGNORE = -100  # target of a token that is not scored (padding, special tokens, a word's later sub-tokens)
 
 
 @dataclass
@@ -510,7 +508,8 @@ class MultiLabel(Task):
         if thresholds is None:
             grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
             if tuning == "true":
-                best = max(grid, key=lambda t: (f1_score(labels, probs >= t, average="micro", zero_division=0), -abs(t - 0.5)))
+                best = max(grid, key=lambda t: (f1_score(labels, probs >= t, average="micro", zero_division=0),
+                                                -abs(t - 0.5)))
                 thresholds = [float(best)] * c
             elif tuning == "per-label":
                 thresholds = [float(max(grid, key=lambda t: (f1_score(labels[:, j], probs[:, j] >= t, zero_division=0),
@@ -559,7 +558,3 @@ def resolve_metric(task: str, metric: str, names: list | None) -> tuple[str, boo
         raise PipelineError(f"--metric-for-best {name} is not a metric of task {task} with these labels; choose one "
                             f"of: {', '.join(known)}.")
     return name, known[name]
-
-
-def is_nan(v) -> bool:
-    return isinstance(v, float) and math.isnan(v)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from .cache import check_cache, open_cache, pad_index, read_attrs, read_examples, split_size
+from .cache import check_cache, open_cache, pad_index, read_attrs, read_examples
 from .config import Config
 from .errors import PipelineError
 from .model import (check_frozen_weights, frozen_weights_sha256, input_dtype, load_full_model, load_tokenizer,
@@ -25,7 +25,7 @@ def verify(cfg: Config, cache_path: str | None = None, samples: int = 64, split:
     full = load_full_model(cfg, info.num_labels, info.label_names).eval()
     top = split_top(copy.deepcopy(full), cfg.k).eval()
     tokenizer = load_tokenizer(cfg)
-    n = split_size(path, split)
+    n = info.splits[split]
     picks = np.unique(np.linspace(0, n - 1, min(samples, n)).round().astype(int))
     rows = read_examples(path, split, picks, cfg.k)
     # storage rounding: half an ulp of the cache dtype, plus float32 noise from another batch composition
