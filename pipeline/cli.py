@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--grid", required=True, help="JSON grid file (see sweeps/default.json)")
             p.add_argument("--jobs", type=int, default=1, metavar="N",
-                           help="runs at once, each in its own process (one GPU each, or a share of the CPU cores)")
+                           help="worker processes, each running one grid point at a time (one GPU each, or a share "
+                                "of the CPU cores)")
+            p.add_argument("--storage", default=None, metavar="URL",
+                           help="Optuna storage URL (default: sqlite:///<runs-dir>/<name>/study.db)")
+        if name in ("search", "sweep"):
+            p.add_argument("--heartbeat", type=int, default=60, metavar="S",
+                           help="database storages: a running trial beats every S s; one silent for 2 beats (its "
+                                "worker died) is failed and retried from its checkpoint")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue the run --run-name from its last checkpoint (same config required)")
@@ -194,19 +201,17 @@ def main(argv=None) -> None:
         elif args.command == "sweep":
             from .sweep import sweep
 
-            if args.jobs < 1:
-                raise PipelineError(f"--jobs {args.jobs}: give 1 or more runs at once.")
-            sweep(cfg, args.grid, args.jobs)
+            if args.jobs < 1 or args.heartbeat < 1:
+                raise PipelineError(f"--jobs {args.jobs} and --heartbeat {args.heartbeat}: give 1 or more.")
+            sweep(cfg, args.grid, args.jobs, args.storage, args.heartbeat)
         elif args.command == "search":
             from .search import search
 
-            if args.trials < 1 or args.jobs < 1:
-                raise PipelineError(f"--trials {args.trials} and --jobs {args.jobs}: give 1 or more.")
-            from .search import workers
-
-            with workers(args.jobs, list(sys.argv[1:] if argv is None else argv)):
-                search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
-                       args.study_name)
+            if args.trials < 1 or args.jobs < 1 or args.heartbeat < 1:
+                raise PipelineError(f"--trials {args.trials}, --jobs {args.jobs} and --heartbeat {args.heartbeat}: "
+                                    f"give 1 or more.")
+            search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
+                   args.study_name, args.jobs, args.heartbeat)
         elif args.command == "verify":
             from .verify import verify
 

@@ -16,16 +16,22 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
-from dataclasses import fields, replace
+import time
+import warnings
+from dataclasses import dataclass, fields, replace
 
 from .config import Config
 from .errors import PipelineError
 
 TYPES = ("float", "int", "categorical")
 PRUNED = "pruned.json"
+MAX_RETRY = 3  # retries of a trial whose worker died
 
 
 def read_space(path: str) -> dict:
@@ -98,14 +104,28 @@ def _pruner(kind: str):
             "none": optuna.pruners.NopPruner}[kind]()
 
 
-def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None = None, sampler: str = "tpe",
-           pruner: str = "median", storage: str | None = None, study_name: str | None = None):
-    """Run (or continue) the study up to `trials` finished trials; returns it."""
-    import optuna
+HEARTBEAT = 60  # seconds between a running trial's heartbeats (RDB storages); stale after 2 of them
 
+
+@dataclass
+class SearchResult:
+    """What a finished search (or sweep) leaves: the study, its best trial's run directory and value, and the
+    trials table."""
+    study: object
+    metric: str
+    best_value: float | None
+    best_params: dict
+    best_run: str | None
+    table: str
+
+
+def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None = None, sampler: str = "tpe",
+           pruner: str = "median", storage: str | None = None, study_name: str | None = None, jobs: int = 1,
+           heartbeat: int = HEARTBEAT) -> SearchResult:
+    """Run (or continue) the study until it holds `trials` finished trials, with `jobs` worker processes on this
+    machine (this one and jobs - 1 more); returns the result."""
     from .cache import open_cache
     from .precompute import precompute
-    from .train import train
 
     spec = read_space(space_file)
     space, base = spec["space"], spec.get("base") or {}
@@ -116,78 +136,192 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
             list(range(int(space["k"]["low"]), int(space["k"]["high"]) + 1))
         cfg = replace(cfg, depths=",".join(map(str, ks)), k=ks[0])
     path = precompute(cfg)  # a no-op when the cache is up to date
-    info = open_cache(path, cfg)
-    metric, higher = cfg.best_metric(info.label_names)
+    metric, higher = cfg.best_metric(open_cache(path, cfg).label_names)
     os.makedirs(cfg.runs_dir, exist_ok=True)
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(cfg.runs_dir, name + '.db'))}"
+    if sampler == "grid":  # the grid sampler runs each point once: no more trials than points
+        trials = min(trials, math.prod(len(d["choices"]) for d in space.values() if d["type"] == "categorical"))
+    study = open_study(name, storage, higher, _sampler(sampler, space, cfg.seed), _pruner(pruner), heartbeat,
+                       identity={"space": space, "base": base, "metric": metric})
+    shared = {}
+
+    def objective(trial):
+        params = suggest(trial, space)
+        return run_trial(trial, replace(cfg, **params, run_name=f"{name}-{trial.number:04d}"), path, metric, shared)
+
+    command = ["search", "--space", space_file, "--trials", str(trials), "--sampler", sampler, "--pruner", pruner,
+               "--storage", storage, "--study-name", name, "--heartbeat", str(heartbeat),
+               *(["--timeout", str(timeout)] if timeout else [])]
+    with workers(jobs, cfg, command, os.path.join(cfg.runs_dir, f"{name}.config.json")):
+        run_trials(study, objective, trials, timeout)
+    return report(study, os.path.join(cfg.runs_dir, name), metric, storage)
+
+
+def open_study(name: str, storage: str, higher: bool, sampler, pruner, heartbeat: int, identity: dict):
+    """Create or load the study; one started with another space, base or metric is refused."""
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    backend = open_storage(storage)
-    identity = json.dumps({"space": space, "base": base, "metric": metric}, sort_keys=True)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retries, plots
+    backend = open_storage(storage, heartbeat)
     try:
         study = optuna.create_study(storage=backend, study_name=name, load_if_exists=True,
-                                    direction="maximize" if higher else "minimize",
-                                    sampler=_sampler(sampler, space, cfg.seed), pruner=_pruner(pruner))
+                                    direction="maximize" if higher else "minimize", sampler=sampler, pruner=pruner)
     except Exception as e:  # unreachable database, bad URL
         raise PipelineError(f"cannot open the study {name!r} in --storage {storage!r}: {e}") from None
+    identity = json.dumps(identity, sort_keys=True)
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
     elif saved != identity:
         raise PipelineError(f"study {name!r} in {storage} was started with another search space, base or metric; "
                             f"choose another --study-name (or the space it was started with).")
-
-    def objective(trial):
-        params = suggest(trial, space)
-        run_name = f"{name}-{trial.number:04d}"
-        trial.set_user_attr("run_dir", os.path.join(cfg.runs_dir, run_name))
-        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
-        tcfg = replace(cfg, **params, run_name=run_name)
-
-        def report(metrics: dict, step: int) -> None:
-            trial.report(metrics[metric], step)
-            if trial.should_prune():
-                with open(os.path.join(cfg.runs_dir, run_name, PRUNED), "w") as fh:
-                    json.dump({"step": step, metric: metrics[metric]}, fh)
-                raise optuna.TrialPruned(f"pruned at step {step}")
-
-        result = train(tcfg, cache_path=path, on_evaluate=report)
-        return result[metric]
-
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    if len(study.get_trials(deepcopy=False, states=finished)) < trials:
-        # every worker on this study (this process, --jobs, other machines) stops once it holds `trials` in all
-        # (running trials count too, so that workers finishing together do not start more than asked)
-        study.optimize(objective, timeout=timeout, catch=(), callbacks=[optuna.study.MaxTrialsCallback(
-            trials, states=(*finished, optuna.trial.TrialState.RUNNING))])
-    _write_table(study, cfg.runs_dir, name, metric)
-    _plots(study, cfg.runs_dir, name)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
-    print(f"study {name}: {len(done)} complete, {pruned} pruned trials in {storage}")
-    if done:
-        best = study.best_trial
-        print(f"best trial {best.number}: {metric}={best.value:.4f} "
-              + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
-        print(f"only the best trial sees the test split: python -m pipeline evaluate --run "
-              f"{best.user_attrs['run_dir']}")
     return study
 
 
+def run_trial(trial, cfg: Config, cache_path: str, metric: str, shared: dict) -> float:
+    """One trial: an ordinary run in its own directory that reports every validation to the study and stops when
+    the pruner says so. A retried trial (its worker was killed, or it failed) keeps its run directory and resumes
+    from its last checkpoint; a finished run there is not trained again."""
+    import optuna
+
+    from .rundir import RunDir
+    from .train import train
+
+    run = RunDir(trial.user_attrs.get("run_dir") or os.path.join(cfg.runs_dir, cfg.run_name))
+    cfg = replace(cfg, runs_dir=os.path.dirname(run.path), run_name=run.name)
+    trial.set_user_attr("run_dir", run.path)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    if not run.exists() and os.path.isdir(run.path):  # cut short before its config was written: nothing to keep
+        shutil.rmtree(run.path)
+
+    def report(metrics: dict, step: int) -> None:
+        trial.report(metrics[metric], step)
+        if trial.should_prune():
+            with open(run.file(PRUNED), "w") as fh:
+                json.dump({"step": step, metric: metrics[metric]}, fh)
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    return train(cfg, cache_path=cache_path, resume=run.exists(), shared=shared, on_evaluate=report)[metric]
+
+
+def run_trials(study, objective, trials: int, timeout: float | None) -> None:
+    """Run trials until the study holds `trials` finished (complete or pruned) ones, counting every worker's
+    (this process, --jobs, other machines). A trial whose worker died is failed (by heartbeat on a database
+    storage; on a journal file when its worker was a process of this machine) and retried; a failed trial left by
+    an earlier command is retried once per command."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
+    S = optuna.trial.TrialState
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+    for t in study.get_trials(deepcopy=False, states=(S.FAIL,)):
+        if t.number not in retried:
+            retry(study, t)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    counted = (S.COMPLETE, S.PRUNED, S.RUNNING)  # running trials count: workers finishing together start no more
+    while True:
+        fail_stale_trials(study)
+        _fail_dead_local_workers(study, retry)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        done, running = sum(s in (S.COMPLETE, S.PRUNED) for s in states), states.count(S.RUNNING)
+        left = None if deadline is None else deadline - time.monotonic()
+        if done >= trials or (left is not None and left <= 0):
+            return
+        if done + running < trials:
+            study.optimize(objective, timeout=left, catch=(),
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
+        elif not _beats(study) and not _local_workers(study):
+            print(f"{running} trial(s) still running in other workers: this command stops here (a journal file "
+                  f"has no heartbeat, so a trial whose worker died on another machine stays 'running'; "
+                  f"see the README).", file=sys.stderr)
+            return
+        else:  # the last trials run in other workers: wait for them (or for their heartbeats to go stale)
+            time.sleep(1.0)
+
+
+def _beats(study) -> bool:
+    """Whether the study's storage keeps heartbeats (database storages; a journal file does not)."""
+    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
+
+
+def _local_workers(study) -> list:
+    """Running trials whose worker is a live process of this machine."""
+    host = socket.gethostname()
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
+            and t.user_attrs.get("worker", "").rpartition(":")[0] == host
+            and _alive(int(t.user_attrs["worker"].rpartition(":")[2]))]
+
+
+def _fail_dead_local_workers(study, retry) -> None:
+    """Storages without a heartbeat (journal files): a running trial whose worker process on this machine is gone
+    is failed and retried (what the heartbeat does on a database storage)."""
+    import optuna
+
+    if _beats(study):
+        return
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if where == host and pid.isdigit() and not _alive(int(pid)):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
+                continue
+            retry(study, study._storage.get_trial(t._trial_id))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (a killed child its parent has not reaped yet) is dead too
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def report(study, prefix: str, metric: str, storage: str) -> SearchResult:
+    """The trials table (<prefix>.csv/.md), the plots (<prefix>_history.png, ...) and the best trial's lines."""
+    import optuna
+
+    _write_table(study, prefix, metric)
+    _plots(study, prefix)
+    S = optuna.trial.TrialState
+    done = [t for t in study.trials if t.state == S.COMPLETE]
+    counts = {s: sum(t.state == s for t in study.trials) for s in (S.PRUNED, S.FAIL, S.RUNNING)}
+    extra = "".join(f", {n} {s.name.lower()}" for s, n in counts.items() if n and s != S.PRUNED)
+    print(f"study {study.study_name}: {len(done)} complete, {counts[S.PRUNED]} pruned trials{extra} in {storage}")
+    result = SearchResult(study, metric, None, {}, None, prefix + ".md")
+    if done:
+        best = study.best_trial
+        result = replace(result, best_value=best.value, best_params=best.params, best_run=best.user_attrs["run_dir"])
+        print(f"best trial {best.number}: {metric}={best.value:.4f} "
+              + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
+        print(f"only the best trial sees the test split: python -m pipeline evaluate --run {result.best_run}")
+    return result
+
+
 @contextlib.contextmanager
-def workers(jobs: int, argv: list):
-    """jobs - 1 more worker processes running this same search command (with --jobs 1) against the same study while
-    this process works too; each gets a share of the CPU cores (or one GPU each). Waits for them at the end."""
+def workers(jobs: int, cfg: Config, command: list, config_file: str):
+    """jobs - 1 more worker processes (`python -m pipeline <command> --jobs 1` with this config) on the same study
+    while this process works too; each gets a share of the CPU cores (or one GPU each). Waits for them at the end;
+    one that died is reported (its trial was retried by the others)."""
     if jobs == 1:
         yield
         return
     import torch
 
-    args, skip = [], False  # the same command with --jobs 1 (given as "--jobs N" or "--jobs=N")
-    for a in argv:
-        if not skip and not a.startswith("--jobs"):
-            args.append(a)
-        skip = a == "--jobs"
-    args += ["--jobs", "1"]
+    with open(config_file, "w") as fh:
+        json.dump({k: v for k, v in cfg.to_dict().items() if k != "preset"}, fh)
     gpus = torch.cuda.device_count()
     threads = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) // jobs)
     procs = []
@@ -195,7 +329,9 @@ def workers(jobs: int, argv: list):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(j % gpus)
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *command, "--preset", cfg.preset,
+                                       "--config", config_file, "--jobs", "1"], env=env))
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     if gpus:
         torch.cuda.set_device(0)
@@ -203,15 +339,19 @@ def workers(jobs: int, argv: list):
         yield
     finally:
         codes = [p.wait() for p in procs]
+        torch.set_num_threads(before)
         if any(codes):
-            raise PipelineError(f"{sum(1 for c in codes if c)} of {jobs - 1} search worker process(es) failed "
-                                f"(exit codes {codes}); rerun the command to continue the study.")
+            print(f"warning: {sum(1 for c in codes if c)} of {jobs - 1} worker process(es) ended with exit codes "
+                  f"{codes}; their output above says why (trials of a killed worker are retried by the others).",
+                  file=sys.stderr)
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat: int = HEARTBEAT):
     """An Optuna storage: a journal file (a path ending in .log, or journal:///path: for shared filesystems), or a
-    database URL (sqlite:///…, postgresql://…, mysql://… through SQLAlchemy)."""
+    database URL (sqlite:///…, postgresql://…, mysql://… through SQLAlchemy) with a heartbeat: a running trial
+    whose worker stops beating for 2 heartbeats is failed and retried."""
     import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if url.startswith("journal:///") or url.endswith(".log"):
         path = url[len("journal://"):] if url.startswith("journal:///") else url
@@ -219,14 +359,18 @@ def open_storage(url: str):
 
         return JournalStorage(JournalFileBackend(path))
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optuna marks the heartbeat experimental
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                                  max_retry=MAX_RETRY))
     except Exception as e:  # unreachable server, bad URL, missing driver
         raise PipelineError(f"cannot open --storage {url!r}: {str(e).splitlines()[0]}. Check the URL and that the "
                             f"database is reachable (default: an SQLite file beside the runs).") from None
 
 
-def _plots(study, runs_dir: str, name: str) -> None:
-    """<runs>/<study>_history.png, _importances.png, _parallel.png (optuna.visualization.matplotlib)."""
+def _plots(study, prefix: str) -> None:
+    """<prefix>_history.png, _importances.png, _parallel.png (optuna.visualization.matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,12 +393,12 @@ def _plots(study, runs_dir: str, name: str) -> None:
             except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
                 continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-        fig.savefig(os.path.join(runs_dir, f"{name}_{kind}.png"), dpi=110, bbox_inches="tight")
+        fig.savefig(f"{prefix}_{kind}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
 
-def _write_table(study, runs_dir: str, name: str, metric: str) -> None:
-    """<runs>/<study>.csv and .md: one row per trial, linking its run directory, pruned trials marked."""
+def _write_table(study, prefix: str, metric: str) -> None:
+    """<prefix>.csv and .md: one row per trial, linking its run directory, pruned trials marked."""
     params = sorted({k for t in study.trials for k in t.params})
     rows = []
     for t in study.trials:
@@ -262,15 +406,15 @@ def _write_table(study, runs_dir: str, name: str, metric: str) -> None:
         rows.append({"trial": t.number, "state": t.state.name.lower(), metric: t.value, "pruned_at_step": pruned_at,
                      **{p: t.params.get(p) for p in params}, "run": t.user_attrs.get("run_dir", "")})
     columns = ["trial", "state", metric, "pruned_at_step", *params, "run"]
-    with open(os.path.join(runs_dir, f"{name}.csv"), "w", newline="") as fh:
+    with open(prefix + ".csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
-        cells = [f"[{r['run']}]({os.path.relpath(r['run'], runs_dir)})" if c == "run" and r["run"] else
+        cells = [f"[{r['run']}]({os.path.relpath(r['run'], os.path.dirname(prefix))})" if c == "run" and r["run"] else
                  (f"{r[c]:.4f}" if c == metric else f"{r[c]:.4g}") if isinstance(r[c], float) else
                  ("" if r[c] is None else str(r[c])) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    with open(os.path.join(runs_dir, f"{name}.md"), "w") as fh:
+    with open(prefix + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -1,20 +1,16 @@
-"""Run a grid of trainings from one cache, one after another, resumably; write a results table and a plot.
+"""A grid of trainings from one cache on the search engine (pipeline/search.py: Optuna's grid sampler, no pruner);
+a results table and a plot.
 
 A grid file is JSON: {"name": "...", "base": {<config fields fixed for the sweep>},
                       "grids": [{<config field>: [values, ...], ...}, ...]}
-Each entry of "grids" is a product of its lists; the sweep runs the union. Runs go to <runs_dir>/<name>/<point>;
-a finished run (results.json) is skipped, an interrupted one resumes from its checkpoint."""
+Each entry of "grids" is a product of its lists (sklearn's ParameterGrid); the sweep runs the union, one trial per
+point. Runs go to <runs_dir>/<name>/<point>, the study to <runs_dir>/<name>/study.db: rerunning continues it (a
+finished point is not run again, one cut short resumes from its checkpoint)."""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import queue
-import shutil
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
 from sklearn.model_selection import ParameterGrid
@@ -24,7 +20,7 @@ from .config import Config
 from .errors import PipelineError
 from .precompute import precompute
 from .rundir import RunDir
-from .train import train
+from .search import HEARTBEAT, open_study, report, run_trial, run_trials, workers
 
 
 def load_grid(path: str) -> dict:
@@ -66,83 +62,44 @@ def strategy(cfg: Config, num_layers: int) -> str:
     return "head only" if blocks == 0 else f"top {blocks} block{'s' * (blocks > 1)}"
 
 
-def sweep(base: Config, grid_file: str, jobs: int = 1) -> str:
-    """Every grid point's run, `jobs` at a time (separate processes when jobs > 1), then the results table."""
+def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = None, heartbeat: int = HEARTBEAT) -> str:
+    """Every grid point's run, on the search engine: an Optuna study whose grid sampler hands each point to one
+    trial (no pruner), with `jobs` worker processes; then the results table and plot. Rerunning continues it."""
+    import optuna
+
     spec = load_grid(grid_file)
-    points = grid_points(spec["grids"])
-    cfgs = [Config.from_dict({**base.to_dict(), **spec["base"], **p, "run_name": f"{spec['name']}/{slug(p)}"})
-            for p in points]
-    for c in {c.cache_path(): c for c in cfgs}.values():  # one precompute per distinct cache (no-op if there)
+    points = {slug(p): p for p in grid_points(spec["grids"])}
+    cfgs = {s: Config.from_dict({**base.to_dict(), **spec["base"], **p, "run_name": f"{spec['name']}/{s}"})
+            for s, p in points.items()}
+    for c in {c.cache_path(): c for c in cfgs.values()}.values():  # one precompute per distinct cache (no-op if there)
         precompute(c)
-    infos = [open_cache(c.cache_path(), c) for c in cfgs]
+    infos = {s: open_cache(c.cache_path(), c) for s, c in cfgs.items()}
+    first = next(iter(cfgs))
+    metric, higher = cfgs[first].best_metric(infos[first].label_names)  # the grid file's base may set it
     out_dir = os.path.join(base.runs_dir, spec["name"])
-    print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos})} cache(s), {jobs} at a time "
-          f"-> {out_dir}")
-    todo = []
-    for n, (p, cfg) in enumerate(zip(points, cfgs), 1):
-        run = RunDir(os.path.join(cfg.runs_dir, cfg.run_name))
-        if run.finished():
-            print(f"[{n}/{len(points)}] {slug(p)}: finished earlier, skipped")
-            continue
-        resume = run.latest_checkpoint() is not None
-        if not resume and os.path.exists(run.path):  # interrupted before its first checkpoint: nothing to keep
-            shutil.rmtree(run.path)
-        todo.append((f"[{n}/{len(points)}] {slug(p)}: {'resuming' if resume else 'training'}", cfg, resume))
-    if jobs == 1:
-        shared = {}  # each cached split reader is opened once for all runs
-        for what, cfg, resume in todo:
-            print(what)
-            train(cfg, resume=resume, shared=shared)
-    else:
-        _run_parallel(todo, jobs)
-    grid_keys = [k for k in dict.fromkeys(k for p in points for k in p) if k != "k"]
-    rows = [_row(cfg, info, out_dir, grid_keys) for cfg, info in zip(cfgs, infos)]
-    write_results(rows, out_dir, cfgs[0], infos[0].label_names)  # the grid file's base may set --metric-for-best
+    os.makedirs(out_dir, exist_ok=True)
+    storage = storage or f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
+    study = open_study(spec["name"], storage, higher, optuna.samplers.GridSampler({"point": list(points)}, seed=0),
+                       optuna.pruners.NopPruner(), heartbeat,
+                       identity={"points": list(points), "base": spec["base"], "metric": metric})
+    finished = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
+    print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos.values()})} cache(s), "
+          f"{jobs} worker process(es), {finished} finished earlier -> {out_dir}")
+    shared = {}  # each cached split reader is opened once for all runs of a process
+
+    def objective(trial):
+        point = trial.suggest_categorical("point", list(points))
+        print(f"[trial {trial.number + 1}] {point}: training", flush=True)
+        return run_trial(trial, cfgs[point], cfgs[point].cache_path(), metric, shared)
+
+    command = ["sweep", "--grid", grid_file, "--storage", storage, "--heartbeat", str(heartbeat)]
+    with workers(jobs, base, command, os.path.join(out_dir, "sweep_config.json")):
+        run_trials(study, objective, len(points), None)
+    report(study, os.path.join(out_dir, "trials"), metric, storage)
+    grid_keys = [k for k in dict.fromkeys(k for p in points.values() for k in p) if k != "k"]
+    rows = [_row(cfgs[s], infos[s], out_dir, grid_keys) for s in points]
+    write_results(rows, out_dir, cfgs[first], infos[first].label_names)
     return out_dir
-
-
-def _run_parallel(todo: list, jobs: int) -> None:
-    """Each run in its own `python -m pipeline train` process, `jobs` at once: one GPU each where there are GPUs,
-    else the CPU cores split between them. A failed run does not stop the others; its log names the problem."""
-    import torch
-
-    gpus = torch.cuda.device_count()
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    slots = queue.Queue()
-    for i in range(jobs):
-        slots.put(i)
-    failed = []
-
-    def one(item):
-        what, cfg, resume = item
-        run = RunDir(os.path.join(cfg.runs_dir, cfg.run_name))
-        os.makedirs(run.path, exist_ok=True)
-        with open(run.file("sweep_config.json"), "w") as fh:
-            json.dump({k: v for k, v in cfg.to_dict().items() if k != "preset"}, fh)
-        slot = slots.get()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-        print(f"{what} (job {slot + 1}{f', GPU {slot % gpus}' if gpus else f', {threads} CPU thread(s)'}); "
-              f"log: {run.file('train.log')}", flush=True)
-        t0 = time.time()
-        try:
-            with open(run.file("train.log"), "a") as log:
-                rc = subprocess.call([sys.executable, "-m", "pipeline", "train", "--preset", cfg.preset, "--config",
-                                      run.file("sweep_config.json"), *(["--resume"] if resume else [])],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env)
-        finally:
-            slots.put(slot)
-        print(f"{what.split(':')[0]}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s",
-              flush=True)
-        if rc:
-            failed.append(run.file("train.log"))
-
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, todo))
-    if failed:
-        raise PipelineError(f"{len(failed)} sweep run(s) failed; see their logs: {', '.join(failed)}. Rerun the "
-                            f"sweep to retry them (finished runs are skipped).")
 
 
 def _row(cfg: Config, info, out_dir: str, grid_keys: list) -> dict:

@@ -129,11 +129,19 @@ def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_mo
                                 "grids": [{"k": [3, 1], "seed": [1, 2]}, {"stages": ["3,2"], "seed": [1, 2]}]}))
     opts = cli_args(dict(model=tiny_model(), dataset=small_csv, cache_dir=tmp_path / "cache",
                          runs_dir=tmp_path / "runs", max_length=64, batch_size=8, precompute_batch_size=16))
-    out = run_cli("sweep", "--grid", grid, "--jobs", "2", *opts).stdout  # two runs at a time, own processes
-    assert "sweep tiny: 6 runs from 1 cache(s), 2 at a time" in out and "precompute done" in out
-    assert out.count(": done in") == 6 and "(job 2," in out
+    out = run_cli("sweep", "--grid", grid, "--jobs", "2", *opts).stdout  # two worker processes on one study
+    assert "sweep tiny: 6 runs from 1 cache(s), 2 worker process(es), 0 finished earlier" in out
+    assert "precompute done" in out
     d = tmp_path / "runs" / "tiny"
     import csv
+
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{d / 'study.db'}")  # the grid on Optuna
+    assert sorted(t.params["point"] for t in study.trials) == sorted(
+        ["k=3_seed=1", "k=3_seed=2", "k=1_seed=1", "k=1_seed=2", "seed=1_stages=3-2", "seed=2_stages=3-2"])
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)  # each point once
+    assert "| complete |" in (d / "trials.md").read_text()
 
     rows = list(csv.DictReader(open(d / "results.csv")))
     assert len(rows) == 6 and list(rows[0])[:3] == ["run", "strategy", "trainable_blocks"]
@@ -148,8 +156,10 @@ def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_mo
     assert (d / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
         assert (d / row["run"] / "results.json").exists() and (d / row["run"] / "top.safetensors").exists()
-    again = run_cli("sweep", "--grid", grid, *opts).stdout
-    assert again.count("finished earlier, skipped") == 6 and "is up to date" in again and hint in again
+    again = run_cli("sweep", "--grid", grid, *opts).stdout  # the same command continues the study: nothing left
+    assert "6 finished earlier" in again and ": training" not in again and "is up to date" in again
+    assert hint in again and len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{d / 'study.db'}")
+                                 .trials) == 6
 
 
 def test_tensorboard_tracking(tmp_path, tiny_model, small_csv):

@@ -104,3 +104,57 @@ def test_a_storage_that_cannot_be_opened_is_refused(tmp_path, tiny_model, small_
             *cli_args(options(tmp_path, tiny_model("bert"), small_csv)), check=False)
     assert r.returncode == 2 and "cannot open --storage" in r.stderr
     assert not (tmp_path / "runs" / "s-0000").exists()  # no trial ran
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tmp_path, tiny_model, small_csv, storage):
+    """Two search processes on one study (as on two machines); one is SIGKILLed in the middle of a trial that has a
+    checkpoint. The other fails that trial (SQLite: its heartbeat went stale; journal file: its worker process on
+    this machine is gone), retries it from the checkpoint, and the study ends with the trials asked, none lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                              "seed": {"type": "int", "low": 1, "high": 50}},
+                   base={"epochs": 30, "checkpoint_every": 4})
+    url = f"sqlite:///{tmp_path / 's.db'}" if storage == "sqlite" else str(tmp_path / "s.log")
+    opts = cli_args(options(tmp_path, tiny_model("bert"), small_csv))
+    cmd = [sys.executable, "-m", "pipeline", "search", "--space", str(space), "--trials", "3", "--pruner", "none",
+           "--heartbeat", "1", "--storage", url, *map(str, opts)]
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from pipeline.search import open_storage
+
+    def load():
+        return optuna.load_study(study_name="s", storage=open_storage(url, 1))
+
+    deadline, killed = time.time() + 120, None
+    while killed is None and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.1)
+        try:
+            running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # the study is not created yet
+            continue
+        for t in running:
+            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and \
+                    (tmp_path / "runs" / f"s-{t.number:04d}" / "checkpoints").is_dir():
+                os.kill(victim.pid, signal.SIGKILL)
+                killed = t
+                break
+    assert killed is not None, "the victim never held a running trial with a checkpoint"
+    victim.wait()
+    out = other.communicate(timeout=240)[0]
+    assert other.returncode == 0, out
+    trials = load().trials
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and states.count(optuna.trial.TrialState.FAIL) == 1
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == killed.params
+    run = tmp_path / "runs" / f"s-{killed.number:04d}"
+    assert retry.user_attrs["run_dir"] == str(run) and f"resuming {run} from" in out  # from its checkpoint
+    assert json.loads((run / "results.json").read_text())["metrics"]["accuracy"] == retry.value
+    runs = {t.user_attrs["run_dir"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(runs) == 3  # three runs, none trained twice
