@@ -241,3 +241,43 @@ def reference_training(cfg, path, model_path):
                 sched.step()
                 opt.zero_grad()
     return full
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server for one test: initdb + pg_ctl on a free port in a temporary folder (as the postgres
+    user when the tests run as root: initdb refuses root). Skipped, with the reason, where the server binaries or the
+    psycopg2 driver are absent (.ci/run installs both)."""
+    import glob
+    import pwd
+    import shutil
+    import socket
+    import tempfile
+
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if not found:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    pytest.importorskip("psycopg2", reason="the psycopg2 driver is not installed: pip install psycopg2-binary")
+    bindir, as_user = os.path.dirname(found), []
+    folder = tempfile.mkdtemp(prefix="pg-test-")
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = os.path.join(folder, "data")
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-w", "-l", os.path.join(folder, "log"), "-o",
+                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

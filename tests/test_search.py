@@ -77,19 +77,21 @@ def test_a_depth_the_model_lacks_is_refused(tmp_path, tiny_model, small_csv, cli
     assert not (tmp_path / "runs" / "s.db").exists()
 
 
-def test_two_worker_processes_share_one_journal_file_study(tmp_path, tiny_model, small_csv, cli):
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_two_worker_processes_share_one_study(tmp_path, tiny_model, small_csv, cli, storage, request):
     """--jobs 2: this process and one more worker process run trials of one study kept in a journal file (the
-    storage for a shared filesystem); together they finish exactly the trials asked, each once."""
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    storage for a shared filesystem) or on a real PostgreSQL server; together they finish exactly the trials asked,
+    each once."""
+    from pipeline.search import open_storage
 
+    url = str(tmp_path / "study.log") if storage == "journal" else request.getfixturevalue("postgres_url")
     space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "seed": {"type": "int", "low": 1, "high": 50}},
                    base={"epochs": 20, "checkpoint_every": -1})  # ~1.5 s a trial; the 2nd worker starts in ~5 s
-    journal = tmp_path / "study.log"
     opts = cli_args(options(tmp_path, tiny_model("bert"), small_csv))
-    out = cli("search", "--space", space, "--trials", 12, "--jobs", 2, "--storage", journal, "--pruner", "none",
+    out = cli("search", "--space", space, "--trials", 12, "--jobs", 2, "--storage", url, "--pruner", "none",
               *opts).stdout
-    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
+    study = optuna.load_study(study_name="s", storage=open_storage(url))
     assert len(study.trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both processes ran trials
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
