@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--heartbeat", type=int, default=60, metavar="S",
                            help="database storages: a running trial beats every S s; one silent for 2 beats (its "
                                 "worker died) is failed and retried from its checkpoint")
+            p.add_argument("--worker", type=int, default=0, metavar="N",
+                           help="this worker's number, added to the sampler's seed so that workers do not draw the "
+                                "same values (--jobs numbers its own; give each further machine its own N)")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue the run --run-name from its last checkpoint (same config required)")
@@ -211,7 +214,7 @@ def main(argv=None) -> None:
                 raise PipelineError(f"--trials {args.trials}, --jobs {args.jobs} and --heartbeat {args.heartbeat}: "
                                     f"give 1 or more.")
             search(cfg, args.space, args.trials, args.timeout, args.sampler, args.pruner, args.storage,
-                   args.study_name, args.jobs, args.heartbeat)
+                   args.study_name, args.jobs, args.heartbeat, args.worker)
         elif args.command == "verify":
             from .verify import verify
 

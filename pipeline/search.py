@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import shutil
 import socket
@@ -25,6 +24,8 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
+
+from sklearn.model_selection import ParameterGrid
 
 from .config import Config
 from .errors import PipelineError
@@ -121,9 +122,10 @@ class SearchResult:
 
 def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None = None, sampler: str = "tpe",
            pruner: str = "median", storage: str | None = None, study_name: str | None = None, jobs: int = 1,
-           heartbeat: int = HEARTBEAT) -> SearchResult:
+           heartbeat: int = HEARTBEAT, worker: int = 0) -> SearchResult:
     """Run (or continue) the study until it holds `trials` finished trials, with `jobs` worker processes on this
-    machine (this one and jobs - 1 more); returns the result."""
+    machine (this one and jobs - 1 more); returns the result. `worker` offsets the sampler's seed (cfg.seed): workers
+    with one seed would draw the same values."""
     from .cache import open_cache
     from .precompute import precompute
 
@@ -139,10 +141,12 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
     metric, higher = cfg.best_metric(open_cache(path, cfg).label_names)
     os.makedirs(cfg.runs_dir, exist_ok=True)
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(cfg.runs_dir, name + '.db'))}"
-    if sampler == "grid":  # the grid sampler runs each point once: no more trials than points
-        trials = min(trials, math.prod(len(d["choices"]) for d in space.values() if d["type"] == "categorical"))
-    study = open_study(name, storage, higher, _sampler(sampler, space, cfg.seed), _pruner(pruner), heartbeat,
-                       identity={"space": space, "base": base, "metric": metric})
+    grid = None
+    if sampler == "grid":  # every point queued once, in order (no two workers draw the same): no more trials
+        grid = list(ParameterGrid({n: d["choices"] for n, d in space.items() if d["type"] == "categorical"}))
+        trials = min(trials, len(grid))
+    study = open_study(name, storage, higher, _sampler(sampler, space, cfg.seed + worker), _pruner(pruner),
+                       heartbeat, identity={"space": space, "base": base, "metric": metric}, enqueue=grid)
     shared = {}
 
     def objective(trial):
@@ -157,8 +161,11 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
     return report(study, os.path.join(cfg.runs_dir, name), metric, storage)
 
 
-def open_study(name: str, storage: str, higher: bool, sampler, pruner, heartbeat: int, identity: dict):
-    """Create or load the study; one started with another space, base or metric is refused."""
+def open_study(name: str, storage: str, higher: bool, sampler, pruner, heartbeat: int, identity: dict,
+               enqueue: list | None = None):
+    """Create or load the study; one started with another space, base or metric is refused. A new study gets the
+    `enqueue` points (grids) as waiting trials: each is handed to exactly one worker (the storage pops a waiting trial
+    atomically), where two grid samplers drawing at once could pick the same point."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -173,6 +180,8 @@ def open_study(name: str, storage: str, higher: bool, sampler, pruner, heartbeat
     saved = study.user_attrs.get("identity")
     if saved is None:
         study.set_user_attr("identity", identity)
+        for params in enqueue or []:
+            study.enqueue_trial(params)
     elif saved != identity:
         raise PipelineError(f"study {name!r} in {storage} was started with another search space, base or metric; "
                             f"choose another --study-name (or the space it was started with).")
@@ -330,7 +339,7 @@ def workers(jobs: int, cfg: Config, command: list, config_file: str):
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(j % gpus)
         procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *command, "--preset", cfg.preset,
-                                       "--config", config_file, "--jobs", "1"], env=env))
+                                       "--config", config_file, "--jobs", "1", "--worker", str(j)], env=env))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     if gpus:

@@ -81,7 +81,8 @@ def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = Non
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'study.db'))}"
     study = open_study(spec["name"], storage, higher, optuna.samplers.GridSampler({"point": list(points)}, seed=0),
                        optuna.pruners.NopPruner(), heartbeat,
-                       identity={"points": list(points), "base": spec["base"], "metric": metric})
+                       identity={"points": list(points), "base": spec["base"], "metric": metric},
+                       enqueue=[{"point": s} for s in points])  # in grid order, each to one worker
     finished = sum(t.state.is_finished() and t.state.name != "FAIL" for t in study.trials)
     print(f"sweep {spec['name']}: {len(points)} runs from {len({i.path for i in infos.values()})} cache(s), "
           f"{jobs} worker process(es), {finished} finished earlier -> {out_dir}")

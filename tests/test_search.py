@@ -94,6 +94,8 @@ def test_two_worker_processes_share_one_study(tmp_path, tiny_model, small_csv, c
     study = optuna.load_study(study_name="s", storage=open_storage(url))
     assert len(study.trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both processes ran trials
+    # the worker numbers offset the sampler's seed: the two did not draw the same values
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 12
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert runs == [f"s-{i:04d}" for i in range(12)]  # each trial once, in its own run directory
     assert all((tmp_path / "runs" / r / "results.json").exists() for r in runs)
