@@ -206,7 +206,7 @@ def main(argv=None) -> None:
 
             if args.jobs < 1 or args.heartbeat < 1:
                 raise PipelineError(f"--jobs {args.jobs} and --heartbeat {args.heartbeat}: give 1 or more.")
-            sweep(cfg, args.grid, args.jobs, args.storage, args.heartbeat)
+            sweep(cfg, args.grid, args.jobs, args.storage, args.heartbeat, args.worker)
         elif args.command == "search":
             from .search import search
 

@@ -156,6 +156,8 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
     command = ["search", "--space", space_file, "--trials", str(trials), "--sampler", sampler, "--pruner", pruner,
                "--storage", storage, "--study-name", name, "--heartbeat", str(heartbeat),
                *(["--timeout", str(timeout)] if timeout else [])]
+    if worker == 0:
+        retry_failed(study)
     with workers(jobs, cfg, command, os.path.join(cfg.runs_dir, f"{name}.config.json")):
         run_trials(study, objective, trials, timeout)
     return report(study, os.path.join(cfg.runs_dir, name), metric, storage)
@@ -214,20 +216,29 @@ def run_trial(trial, cfg: Config, cache_path: str, metric: str, shared: dict) ->
     return train(cfg, cache_path=cache_path, resume=run.exists(), shared=shared, on_evaluate=report)[metric]
 
 
+def retry_failed(study) -> None:
+    """Queue a retry of every failed trial not retried yet (Ctrl-C, an error, a worker that died), up to MAX_RETRY
+    times each. Worker 0 only, before it starts the others: two workers doing this at once would queue one trial
+    twice."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        if t.number not in retried:
+            retry(study, t)
+
+
 def run_trials(study, objective, trials: int, timeout: float | None) -> None:
     """Run trials until the study holds `trials` finished (complete or pruned) ones, counting every worker's
     (this process, --jobs, other machines). A trial whose worker died is failed (by heartbeat on a database
-    storage; on a journal file when its worker was a process of this machine) and retried; a failed trial left by
-    an earlier command is retried once per command."""
+    storage; on a journal file when its worker was a process of this machine) and retried."""
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
     S = optuna.trial.TrialState
     retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-    retried = {n for t in study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
-    for t in study.get_trials(deepcopy=False, states=(S.FAIL,)):
-        if t.number not in retried:
-            retry(study, t)
     deadline = None if timeout is None else time.monotonic() + timeout
     counted = (S.COMPLETE, S.PRUNED, S.RUNNING)  # running trials count: workers finishing together start no more
     while True:

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import PipelineError
 from .precompute import precompute
 from .rundir import RunDir
-from .search import HEARTBEAT, open_study, report, run_trial, run_trials, workers
+from .search import HEARTBEAT, open_study, report, retry_failed, run_trial, run_trials, workers
 
 
 def load_grid(path: str) -> dict:
@@ -62,7 +62,8 @@ def strategy(cfg: Config, num_layers: int) -> str:
     return "head only" if blocks == 0 else f"top {blocks} block{'s' * (blocks > 1)}"
 
 
-def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = None, heartbeat: int = HEARTBEAT) -> str:
+def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = None, heartbeat: int = HEARTBEAT,
+          worker: int = 0) -> str:
     """Every grid point's run, on the search engine: an Optuna study whose grid sampler hands each point to one
     trial (no pruner), with `jobs` worker processes; then the results table and plot. Rerunning continues it."""
     import optuna
@@ -94,6 +95,8 @@ def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = Non
         return run_trial(trial, cfgs[point], cfgs[point].cache_path(), metric, shared)
 
     command = ["sweep", "--grid", grid_file, "--storage", storage, "--heartbeat", str(heartbeat)]
+    if worker == 0:
+        retry_failed(study)
     with workers(jobs, base, command, os.path.join(out_dir, "sweep_config.json")):
         run_trials(study, objective, len(points), None)
     report(study, os.path.join(out_dir, "trials"), metric, storage)
