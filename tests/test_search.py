@@ -50,6 +50,9 @@ def test_search_prunes_reports_every_evaluation_and_continues(tmp_path, tiny_mod
     # the same command with a larger --trials continues the study
     cli("search", "--space", space, "--trials", 9, *opts)
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials) == 9
+    # --timeout: no trial starts after S seconds (the one running then finishes)
+    cli("search", "--space", space, "--trials", 50, "--timeout", 1, *opts)
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials) <= 12
     # the same study name with another space is refused
     other = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, name="s")
     r = cli("search", "--space", other, "--trials", 10, *opts, check=False)
@@ -102,9 +105,13 @@ def test_two_worker_processes_share_one_study(tmp_path, tiny_model, small_csv, c
     assert "best trial" in out and (tmp_path / "runs" / "s_history.png").stat().st_size > 0
 
 
-def test_a_storage_that_cannot_be_opened_is_refused(tmp_path, tiny_model, small_csv, cli):
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/no/such/folder/s.db",
+                                 "postgresql+psycopg2://user@127.0.0.1:1/optuna"])  # nothing listens on port 1
+def test_a_storage_that_cannot_be_opened_is_refused(tmp_path, tiny_model, small_csv, cli, url):
+    if url.startswith("postgresql"):
+        pytest.importorskip("psycopg2", reason="the psycopg2 driver is not installed: pip install psycopg2-binary")
     space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}})
-    r = cli("search", "--space", space, "--storage", f"sqlite:///{tmp_path}/no/such/folder/s.db",
+    r = cli("search", "--space", space, "--storage", url.format(tmp=tmp_path),
             *cli_args(options(tmp_path, tiny_model("bert"), small_csv)), check=False)
     assert r.returncode == 2 and "cannot open --storage" in r.stderr
     assert not (tmp_path / "runs" / "s-0000").exists()  # no trial ran
