@@ -22,7 +22,7 @@ D := $(if $(DEPTHS),--depths $(DEPTHS))
 # N processes: torchrun (one per GPU, or gloo on CPU); one process: plain python
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup data precompute train evaluate verify check sweep search export predict bench bench-scale bench-memory bench-tokens bench-search test \
+.PHONY: setup data precompute train evaluate verify check sweep search export predict bench bench-scale bench-memory bench-tokens bench-search gpu-check test \
 	test-fast \
 	clean-cache
 
@@ -98,6 +98,13 @@ bench-tokens: $(STAMP) $(DATA)
 SEARCH_ARGS ?=
 bench-search: $(STAMP) $(DATA)
 	$(PY) scripts/bench_search.py $(SEARCH_ARGS)
+
+# The GPU check: precompute on the GPU + check --recompute, verify fp32/fp16/bf16 caches, bf16 vs fp32 training,
+# tok/s vs the limit and vs a plain forward, CUDA memory vs the HF Trainer (MiniLM and bert-base shapes, a few
+# minutes); without a GPU it says so and exits 0. GPU_ARGS="--shapes minilm,bert-base,qwen3-0.6b"
+GPU_ARGS ?=
+gpu-check: $(STAMP) $(DATA)
+	$(PY) scripts/gpu_check.py $(GPU_ARGS)
 
 # Scale benchmark: 1x/10x/100x corpora (the 100x cache is ~27 GB), precompute RSS and write rate vs the disk,
 # reader vs memcpy and vs the disk, RssAnon, 1 vs 2 processes; SCALE_ARGS="--sizes 1,10"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .cache import open_cache
-from .config import Config
+from .config import Config, make_config
 from .evaluate import evaluate_run
 from .export import predict as _predict
 from .precompute import precompute as _precompute
@@ -71,7 +71,7 @@ class Predictions:
 
 
 def _config(cfg: Config | None, overrides: dict) -> Config:
-    return replace(cfg if cfg is not None else Config(), **overrides)
+    return replace(cfg if cfg is not None else make_config("default"), **overrides)
 
 
 def precompute(cfg: Config | None = None, force: bool = False, **overrides) -> Precomputed:

@@ -91,10 +91,10 @@ def small_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "reviews.csv"
     rows = corpus_rows()
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["text", "category"])
+        w = csv.DictWriter(fh, fieldnames=["text", "label"])  # the field's convention: --dataset alone reads it
         w.writeheader()
         for r in rows:
-            w.writerow({"text": r["text"], "category": r["category"]})
+            w.writerow({"text": r["text"], "label": r["category"]})
     return str(path)
 
 
@@ -159,10 +159,10 @@ def corpus_csv(tmp_path_factory):
         if n not in made:
             path = tmp_path_factory.mktemp(f"data{n}") / "reviews.csv"
             with open(path, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["text", "category"])
+                w = csv.DictWriter(fh, fieldnames=["text", "label"])
                 w.writeheader()
                 for r in corpus_rows(n):
-                    w.writerow({"text": r["text"], "category": r["category"]})
+                    w.writerow({"text": r["text"], "label": r["category"]})
             made[n] = str(path)
         return made[n]
 

@@ -32,7 +32,7 @@ def _no_cache_written(tmp_path):
 
 def test_missing_column_lists_existing_columns(tmp_path, tiny_model, small_csv, capsys):
     err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), small_csv, text_column="review"))
-    assert "no column(s) ['review']" in err and "['text', 'category']" in err and "--text-column" in err
+    assert "no column(s) ['review']" in err and "['text', 'label']" in err and "--text-column" in err
     assert _no_cache_written(tmp_path)
 
 
@@ -69,7 +69,7 @@ def test_missing_labels(tmp_path, tiny_model, capsys):
     rows = corpus_rows(40)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["text", "category"])
+        w.writerow(["text", "label"])
         for i, r in enumerate(rows):
             w.writerow([r["text"], "" if i in (3, 17) else r["category"]])
     err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), path))
@@ -155,7 +155,7 @@ def _texts(n):
 
 def test_empty_dataset_file(tmp_path, tiny_model, capsys):
     path = tmp_path / "header-only.csv"
-    path.write_text("text,category\n")
+    path.write_text("text,label\n")
     err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), path))
     assert "is empty" in err and _no_cache_written(tmp_path)
 
@@ -202,11 +202,11 @@ def test_mixed_label_types(tmp_path, tiny_model, capsys):
 
 
 def test_empty_texts_dropped_with_a_count_or_refused(tmp_path, tiny_model, capsys):
-    rows = [{"text": t, "category": "fresh" if i % 2 else "rotten"} for i, t in enumerate(_texts(60))]
+    rows = [{"text": t, "label": "fresh" if i % 2 else "rotten"} for i, t in enumerate(_texts(60))]
     rows[4]["text"], rows[9]["text"], rows[30]["text"] = "", "   ", "\n\t"
     path = tmp_path / "blank.csv"
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["text", "category"])
+        w = csv.DictWriter(fh, fieldnames=["text", "label"])
         w.writeheader()
         w.writerows(rows)
     opts = _opts(tmp_path, tiny_model(), path)

@@ -181,3 +181,74 @@ def test_global_batch_must_split_evenly(tmp_path, tiny_model, small_csv):
     run_cli("precompute", *opts)
     proc = _torchrun("train", *opts, check=False)
     assert proc.returncode != 0 and "make both multiples of 2" in proc.stderr
+
+
+def _node(tmp_path, rank: int, port: int, *args):
+    """One "machine" of a two-node torchrun launch (static rendezvous on 127.0.0.1), started in a working
+    directory of its own; the cache and runs folders given in `args` are the shared filesystem. This is the
+    README's several-machines recipe with --master-addr 127.0.0.1."""
+    cwd = tmp_path / f"node{rank}"
+    cwd.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+           "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "pipeline",
+           *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ONE_THREAD}, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _two_nodes(tmp_path, *args, check=True):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [_node(tmp_path, r, port, *args) for r in (0, 1)]
+    if not check:
+        return nodes
+    outs = [n.communicate(timeout=300) for n in nodes]
+    for n, (out, err) in zip(nodes, outs):
+        assert n.returncode == 0, out[-2000:] + err[-4000:]
+    return [o for o, _ in outs]
+
+
+def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resumes(tmp_path, no_dropout_model,
+                                                                                   corpus_csv):
+    data = corpus_csv(600)
+    opts = dict(model=no_dropout_model, dataset=data, runs_dir=tmp_path / "shared" / "runs", k=1, max_length=64,
+                batch_size=8, eval_batch_size=16, epochs=1, lr=1e-3, precompute_batch_size=4, commit_seconds=0,
+                depths="1")
+    one = cli_args({**opts, "cache_dir": tmp_path / "one"})
+    run_cli("precompute", *one, env=ONE_THREAD)
+    (ref,) = (tmp_path / "one").glob("*.h5")
+
+    # the first launch loses node 1 mid-precompute (SIGKILL): node 0 stops with a message, the work stays
+    shared = cli_args({**opts, "cache_dir": tmp_path / "shared" / "cache"})
+    nodes = _two_nodes(tmp_path, "precompute", *shared, check=False)
+    tmp = str(tmp_path / "shared" / "cache" / ref.name) + ".tmp"
+    t0 = time.time()
+    while committed_examples(tmp) < 100:
+        assert nodes[1].poll() is None and time.time() - t0 < 180, nodes[1].communicate()
+        time.sleep(0.01)
+    (worker,) = psutil.Process(nodes[1].pid).children(recursive=True)
+    worker.send_signal(signal.SIGKILL)
+    _, err0 = nodes[0].communicate(timeout=120)
+    nodes[1].communicate(timeout=120)
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert "rerun the same command" in err0 and tmp in err0  # what the surviving node's user reads
+    committed = committed_examples(tmp)
+    assert 100 <= committed < 600
+
+    # both nodes started again: they resume, and the cache equals the one-process cache array for array
+    out0, _ = _two_nodes(tmp_path, "precompute", *shared)
+    assert f"resuming {tmp}: {committed} of 600 examples" in out0
+    a, b = cache_arrays(ref), cache_arrays(tmp[:-4])
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+    # training on two nodes (global batch 8 = 4 + 4) gives the one-process result
+    single = run_cli("train", *shared, "--run-name", "one", env=ONE_THREAD).stdout
+    out0, _ = _two_nodes(tmp_path, "train", *shared, "--run-name", "two")
+    assert "2 process(es)" in out0 and single.strip().splitlines()[-1] == out0.strip().splitlines()[-1]
+    _assert_close(load_file(tmp_path / "shared" / "runs" / "one" / "top.safetensors"),
+                  load_file(tmp_path / "shared" / "runs" / "two" / "top.safetensors"))

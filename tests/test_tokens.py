@@ -79,13 +79,13 @@ def test_conll_columns_docstart_whitespace_separators_and_label_column(tmp_path)
     sents = wnut_sentences(3)
     p = write_conll(tmp_path / "a.conll", sents, docstart=True, blank="  \t")  # whitespace-only separator lines
     ds = load_source(make_config(dataset=p, task=TOKENS))
-    assert ds["text"] == [[w for w, _ in s] for s in sents] and ds["category"] == [[t for _, t in s] for s in sents]
+    assert ds["text"] == [[w for w, _ in s] for s in sents] and ds["label"] == [[t for _, t in s] for s in sents]
     # four space-separated columns (CoNLL-2003 style), sniffed from a .txt; tags in the last unless --label-column
     rows = "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n"
     (tmp_path / "c.txt").write_text(rows)
     cfg = make_config(dataset=str(tmp_path / "c.txt"), task=TOKENS)
     assert file_format(cfg) == "conll"
-    assert load_source(cfg)["category"] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
+    assert load_source(cfg)["label"] == [["B-ORG", "O"], ["B-PER", "I-PER"]]
     assert load_source(replace(cfg, label_column="1"))["1"] == [["NNP", "VBZ"], ["NNP", "NNP"]]
     with pytest.raises(PipelineError, match=r"--label-column 7: .* has 4 columns \(0..3\)"):
         load_source(replace(cfg, label_column="7"))
@@ -112,7 +112,7 @@ def test_conllu_form_and_field_skips_multiword_ranges_and_empty_nodes(tmp_path):
     p.write_text(text, encoding="utf-8")
     ds = load_source(make_config(dataset=str(p), task=TOKENS))
     assert ds["text"] == [["Vamos", "nos", "al", "mar"], ["Sí"]]
-    assert ds["category"] == [["VERB", "PRON", "ADP", "NOUN"], ["INTJ"]]  # upos by default
+    assert ds["label"] == [["VERB", "PRON", "ADP", "NOUN"], ["INTJ"]]  # upos by default
     assert load_source(make_config(dataset=str(p), task=TOKENS, label_column="deprel"))["deprel"][0] == [
         "root", "obj", "case", "obl"]
     with pytest.raises(PipelineError, match="not a CoNLL-U field"):
@@ -283,7 +283,7 @@ def test_cli_train_evaluate_predict_and_unknown_tags(tmp_path, tiny_model, ner_f
     cfg = tok_cfg(tmp_path, tiny_model("bert"), ner_file)
     data = load_labeled(cfg)
     test_rows = [data.ds[int(i)] for i in data.splits["test"]]
-    ext = write_conll(tmp_path / "heldout.conll", [list(zip(r["text"], r["category"])) for r in test_rows])
+    ext = write_conll(tmp_path / "heldout.conll", [list(zip(r["text"], r["label"])) for r in test_rows])
     cli("evaluate", "--run", run, "--dataset", ext, "--resamples", "50")
     got = json.loads((run / "eval_heldout.json").read_text())
     assert got["scored_tokens"] == test["scored_tokens"]

@@ -1,6 +1,7 @@
-"""Tab-separated files read as their writer meant: quoted fields with tabs, quotes and newlines inside (pandas,
-Python's csv module) and raw GLUE-style files with unbalanced quotes; a file that reads neither way is refused
-naming the line. Real files, the real default corpus."""
+"""A newcomer's own data: the field's conventions as defaults (`text` / `label` columns, nothing excluded) once
+--dataset names another file, and tab-separated files read as their writer meant: quoted fields with tabs, quotes
+and newlines inside (pandas, Python's csv module) and raw GLUE-style files with unbalanced quotes; a file that reads
+neither way is refused naming the line. Real files, the real default corpus."""
 import bz2
 import csv
 
@@ -11,7 +12,29 @@ from pipeline import make_config
 from pipeline.data import load_labeled, load_source
 from pipeline.errors import PipelineError
 
-from conftest import CORPUS
+from conftest import CORPUS, corpus_rows
+
+
+def test_own_csv_with_text_and_label_trains_with_dataset_alone(tmp_path, tiny_model, cli):
+    path = tmp_path / "mine.csv"
+    rows = corpus_rows(80)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows([r["text"], "plot" if i % 10 == 0 else r["category"]] for i, r in enumerate(rows))
+    cfg = make_config("default", dataset=str(path))
+    assert (cfg.label_column, cfg.exclude_labels) == ("label", None)  # the default corpus's specifics stay with it
+    assert make_config("default").label_column == "category" and make_config("default").exclude_labels == "plot"
+    data = load_labeled(cfg)
+    assert data.label_names == ["fresh", "plot", "rotten"] and len(data.ds) == 80  # a 'plot' label is a label here
+    where = ["--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs", "--model", tiny_model(), "--k", 1]
+    cli("precompute", "--dataset", path, *where)
+    out = cli("train", "--dataset", path, *where, "--run-name", "mine").stdout
+    assert "accuracy=" in out and (tmp_path / "runs" / "mine" / "results.json").exists()
+    other = tmp_path / "reviews.csv"
+    other.write_text("review,sentiment\ngood,pos\nbad,neg\n")
+    r = cli("precompute", "--dataset", other, *where, check=False)
+    assert r.returncode == 2 and "['review', 'sentiment']" in r.stderr  # the columns the file has
 
 
 def _texts(path, **kw):
@@ -30,7 +53,7 @@ def test_a_pandas_tsv_of_the_default_corpus_reads_whole(tmp_path):
     assert len(ds) == len(frame)
     assert list(ds["text"]) == [None if pd.isna(t) else t for t in frame["text"]]
     assert list(ds["category"]) == frame["category"].tolist()
-    data = load_labeled(make_config("default", dataset=str(path)))  # the default preset's columns, on the TSV
+    data = load_labeled(make_config("default", dataset=str(path), label_column="category", exclude_labels="plot"))
     assert sorted(data.label_names) == ["fresh", "rotten"]
 
 
