@@ -14,7 +14,7 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 
-from .config import PRESETS, Config, literal_choices, make_config
+from .config import COMMAND_GROUPS, OPTION_GROUPS, PRESETS, Config, literal_choices, make_config
 from .errors import PipelineError
 
 
@@ -92,10 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--recompute", type=int, default=0, metavar="N",
                            help="also recompute N cached validation rows from their token ids with the model and "
                                 "compare (default 0: file checks only)")
-        opts = p.add_argument_group("config options (defaults come from the preset)")
-        if name == "sweep":
-            opts.title = "config options shared by every run (the grid file's base and grid values override them)"
-        _config_options(opts, [f.name for f in fields(Config) if f.name != "preset"])
+        shown = COMMAND_GROUPS.get(name, tuple(OPTION_GROUPS))
+        where = " (shared by every run; the grid file's base and grid values override them)" if name == "sweep" else ""
+        for group, names in OPTION_GROUPS.items():
+            _config_options(p.add_argument_group(f"{group} options{where}") if group in shown else p, names,
+                            hidden=group not in shown)
     p = sub.add_parser("evaluate", help="score a finished run on a cached split (test by default) or on a labeled "
                                         "file, with bootstrap 95%% confidence intervals")
     p.add_argument("--run", required=True, help="run directory (cache/runs/<name>)")
@@ -126,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 EVAL_DATA_OPTIONS = ["dataset_format", "text_column", "text_pair_column", "label_column", "exclude_labels"]
 
 
-def _config_options(group, names: list) -> None:
-    """One --option per Config field: its type, its Literal choices, its help and default."""
+def _config_options(group, names, hidden: bool = False) -> None:
+    """One --option per Config field: its type, its Literal choices, its help and default (hidden: accepted, not
+    shown in --help)."""
     by_name, choices = {f.name: f for f in fields(Config)}, literal_choices()
     for name in names:
         f = by_name[name]
@@ -135,7 +137,8 @@ def _config_options(group, names: list) -> None:
         kind = "str" if name in choices else str(f.type)
         group.add_argument("--" + name.replace("_", "-"), dest=name, type=_TYPES[kind], choices=choices.get(name),
                            default=argparse.SUPPRESS, metavar=None if name in choices else kind.upper().replace(
-                               "OPTIONAL[STR]", "STR"), help=f"{f.metadata.get('help', '')} (default: {default})")
+                               "OPTIONAL[STR]", "STR"),
+                           help=argparse.SUPPRESS if hidden else f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -275,6 +275,25 @@ PRESETS = {
 }
 
 
+# The options by purpose, for each command's --help (a unit test checks that every field is in exactly one group).
+OPTION_GROUPS = {
+    "model and device": ("model", "k", "depths", "stages", "attn_implementation", "trust_remote_code", "cpu"),
+    "data": ("dataset", "dataset_format", "dataset_config", "split", "text_column", "text_pair_column",
+             "label_column", "exclude_labels", "num_labels", "empty_texts", "max_examples", "task", "label_separator",
+             "label_columns", "label_all_tokens", "val_fraction", "test_fraction", "split_seed", "max_length"),
+    "cache": ("cache_dir", "cache_dtype", "precompute_batch_size", "commit_seconds", "commit_mb"),
+    "training": ("lr", "batch_size", "epochs", "max_steps", "warmup_ratio", "weight_decay", "grad_accum",
+                 "max_grad_norm", "mixed_precision", "seed", "layer_lr_decay", "num_workers", "in_memory",
+                 "group_by_length", "checkpoint_every"),
+    "evaluation": ("eval_batch_size", "eval_every", "metric_for_best", "early_stopping_patience", "save_last",
+                   "threshold_tuning"),
+    "runs": ("runs_dir", "run_name", "report_to"),
+}
+# The groups each command reads (the others are accepted, so one option list serves precompute and train alike,
+# but not shown in its --help).
+COMMAND_GROUPS = {"precompute": ("model and device", "data", "cache"), "verify": ("model and device", "data", "cache"),
+                  "check": ("model and device", "data", "cache")}
+
 # A preset's facts about its own dataset (columns, excluded labels, format, split): they apply to that dataset only.
 # With another --dataset the field's conventions hold (`text` / `label` columns, nothing excluded) unless given.
 DATA_FIELDS = ("dataset_format", "dataset_config", "split", "text_column", "text_pair_column", "label_column",

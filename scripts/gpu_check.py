@@ -8,10 +8,10 @@ Per shape (MiniLM default: the packaged all-MiniLM-L6-v2, k=4; bert-base: a rand
      within a bound), and the fp16 cache passes `check --recompute 64` (rows recomputed from their token ids);
   2. one training epoch in bf16 autocast and one in fp32 from the same cache: their validation losses at every
      evaluation agree within a bound;
-  3. speed and memory, each in its own process (scripts/bench.py's methods): training tok/s against the top's own
+  3. speed and memory (scripts/bench.py's methods): training tok/s against the top's own
      forward+backward on the same batches already on the device (the limit), precompute tok/s against a plain
      inference_mode forward of the bottom, and peak CUDA memory of training from the cache against the HF Trainer
-     recipe with the same frozen layers at the same batch size.
+     recipe with the same frozen layers at the same batch size (one fresh process; peaks reset between methods).
 Writes OUT/gpu_check.json and OUT/gpu_check.md and prints the table.
 
 Without a GPU, `make gpu-check` says so and exits 0. `--device cpu --quick` runs the same code on the CPU with small
@@ -109,24 +109,47 @@ def correctness(cfg, checks: list, row: dict) -> None:
                    f"(bound {LOSS_BOUND})"))
 
 
-def speed(cfg, row: dict) -> None:
-    """Step 3: each method in a fresh process (bench.py's)."""
-    from bench import run_isolated
+def _methods(cfg_dict: dict) -> dict:
+    """bench.py's methods one after another in this (fresh) process, each with its own CUDA peak (reset between
+    them; the caching allocator's reserve is not counted, only live tensors)."""
+    os.chdir(ROOT)
+    from bench import METHODS
 
-    c16 = replace(cfg, cache_dtype="float16")
-    pre = run_isolated("ours_precompute", c16)
-    fwd = run_isolated("bottom_forward", c16)
-    ours = run_isolated("ours_train", replace(c16, eval_every=0, run_name="speed"))
-    lim = run_isolated("limit", c16)
-    hf = run_isolated("baseline_trainer", c16)
-    row.update(precompute_tok_s=pre["loop_tokens_per_s"], bottom_forward_tok_s=fwd["tokens_per_s"],
-               train_tok_s=ours["tokens_per_s"], limit_tok_s=lim["tokens_per_s"], hf_trainer_tok_s=hf["tokens_per_s"],
-               train_peak_mb=ours.get("cuda_peak_mb", ours["peak_rss_mb"]),
-               hf_trainer_peak_mb=hf.get("cuda_peak_mb", hf["peak_rss_mb"]),
-               memory_kind="CUDA peak allocated" if "cuda_peak_mb" in ours else "peak RSS (CPU)")
+    from pipeline import Config
+    from pipeline.cli import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    cfg, out = Config.from_dict(cfg_dict), {}
+    for name, c in (("ours_precompute", cfg), ("bottom_forward", cfg), ("ours_train", replace(cfg, run_name="speed")),
+                    ("limit", cfg), ("baseline_trainer", cfg)):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        out[name] = METHODS[name](c)
+        if torch.cuda.is_available():
+            out[name]["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def speed(cfg, row: dict) -> None:
+    """Step 3, in one fresh process (scripts/bench.py's methods): training and precompute against their limits,
+    CUDA memory of training from the cache against the HF Trainer recipe at the same batch."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    c16 = replace(cfg, cache_dtype="float16", eval_every=0)
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        r = pool.submit(_methods, c16.to_dict()).result()
+    row.update(precompute_tok_s=r["ours_precompute"]["loop_tokens_per_s"],
+               bottom_forward_tok_s=r["bottom_forward"]["tokens_per_s"], train_tok_s=r["ours_train"]["tokens_per_s"],
+               limit_tok_s=r["limit"]["tokens_per_s"], hf_trainer_tok_s=r["baseline_trainer"]["tokens_per_s"])
     row["train_vs_limit"] = row["train_tok_s"] / row["limit_tok_s"]
     row["precompute_vs_forward"] = row["precompute_tok_s"] / row["bottom_forward_tok_s"]
-    row["memory_vs_hf_trainer"] = row["train_peak_mb"] / row["hf_trainer_peak_mb"]
+    if "cuda_peak_mb" in r["ours_train"]:
+        row.update(train_peak_mb=r["ours_train"]["cuda_peak_mb"], hf_trainer_peak_mb=r["baseline_trainer"]["cuda_peak_mb"])
+        row["memory_vs_hf_trainer"] = row["train_peak_mb"] / row["hf_trainer_peak_mb"]
 
 
 def markdown(rows: list, checks: list, meta: dict) -> str:
@@ -139,8 +162,9 @@ def markdown(rows: list, checks: list, meta: dict) -> str:
                      f"{r['verify_bfloat16']:.2g} | {r['bf16_vs_fp32_val_loss_diff']:.4f} | "
                      f"{r['train_tok_s']:,.0f} ({r['train_vs_limit']:.2f}x of {r['limit_tok_s']:,.0f}) | "
                      f"{r['precompute_tok_s']:,.0f} ({r['precompute_vs_forward']:.2f}x of "
-                     f"{r['bottom_forward_tok_s']:,.0f}) | {r['train_peak_mb']:,.0f} vs {r['hf_trainer_peak_mb']:,.0f}"
-                     f" MiB ({r['memory_vs_hf_trainer']:.2f}x, {r['memory_kind']}) |")
+                     f"{r['bottom_forward_tok_s']:,.0f}) | " + (
+                         f"{r['train_peak_mb']:,.0f} vs {r['hf_trainer_peak_mb']:,.0f} MiB CUDA peak "
+                         f"({r['memory_vs_hf_trainer']:.2f}x)" if "train_peak_mb" in r else "n/a (no CUDA)") + " |")
     lines += ["", "| check | result | detail |", "| --- | --- | --- |"]
     lines += [f"| {name} | {'ok' if ok else '**FAILED**'} | {detail.replace('|', chr(92) + '|')} |"
               for name, ok, detail in checks]

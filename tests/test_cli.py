@@ -9,6 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 from safetensors import safe_open
 
 from pipeline.cache import open_cache
@@ -76,14 +77,16 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
 
 def test_reference_preset_with_local_standins(tmp_path, tiny_model):
     """The bert-base-amazon preset's own loading path (load_dataset(name, config, split) + from_pretrained(id)),
-    pointed at a local folder dataset and a tiny local BERT instead of the Hub."""
+    pointed at a local folder dataset and a tiny local BERT instead of the Hub. A stand-in dataset is another
+    dataset: the preset's column names apply to amazon_polarity only, so the stand-in names its text column."""
     folder = tmp_path / "amazon_like"
     folder.mkdir()
     rows = corpus_rows(100)
     pd.DataFrame({"title": ["t"] * 100, "content": [r["text"] for r in rows],
                   "label": [int(r["category"] == "fresh") for r in rows]}).to_parquet(folder / "train.parquet")
     opts = cli_args(dict(model=tiny_model("bert"), dataset=folder, cache_dir=tmp_path / "cache",
-                         runs_dir=tmp_path / "runs", k=2, max_length=64, precompute_batch_size=32))
+                         runs_dir=tmp_path / "runs", k=2, max_length=64, precompute_batch_size=32,
+                         text_column="content"))
     run_cli("precompute", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts)
     (path,) = (tmp_path / "cache").glob("*.h5")
     assert path.name.startswith("amazon_like-k2-")  # named after the data (the preset's own dataset: the preset)
@@ -161,3 +164,35 @@ def test_bf16_autocast_and_gradient_accumulation(tmp_path, tiny_model, small_csv
     rec = json.loads(open(tmp_path / "runs" / "bf16" / "metrics.jsonl").readline())
     assert rec["step"] == 3 and 0 <= result["accuracy"] <= 1  # 3 optimizer steps = 6 batches of 8
     assert rec["train_tokens_per_s"] > 0
+
+
+@pytest.mark.fast
+def test_each_command_shows_only_its_options_grouped_by_purpose(capsys):
+    from dataclasses import fields
+
+    from pipeline.cli import main
+    from pipeline.config import OPTION_GROUPS, Config
+
+    grouped = [n for names in OPTION_GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(Config) if f.name != "preset")  # each field once
+
+    def help_of(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return capsys.readouterr().out
+
+    check, train = help_of("check"), help_of("train")
+    def offers(text, option):  # an option's own help line (other options' help may mention it)
+        return re.search(rf"^\s+{option}\b", text, re.M) is not None
+
+    assert not offers(check, "--lr") and not offers(check, "--epochs") and not offers(check, "--run-name")
+    assert offers(check, "--cache-dir") and offers(check, "--model") and offers(train, "--lr")
+    assert "data options:" in check and "training options:" not in check
+    for group in ("model and device", "data", "cache", "training", "evaluation", "runs"):
+        assert f"{group} options:" in train
+    body = train[train.index("training options:"):train.index("evaluation options:")]
+    assert offers(body, "--lr") and offers(body, "--epochs") and not offers(body, "--eval-every")
+    # an option a command does not read is still accepted (one option list for precompute and train)
+    from pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["precompute", "--lr", "1e-4"]).lr == 1e-4

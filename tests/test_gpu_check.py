@@ -24,8 +24,9 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     assert all(c["ok"] for c in result["checks"])
     (row,) = result["rows"]
     assert row["verify_float32"] < row["verify_float16"] <= row["verify_bfloat16"]  # coarser dtypes, larger diffs
-    for key in ("train_vs_limit", "precompute_vs_forward", "memory_vs_hf_trainer"):
+    for key in ("train_vs_limit", "precompute_vs_forward"):
         assert 0 < row[key] < 10, (key, row[key])
+    assert "memory_vs_hf_trainer" not in row  # CUDA memory only: no figure on a CPU
     assert "| minilm (k=4) |" in (out / "gpu_check.md").read_text()
     assert "4 of 5 checks passed" not in proc.stdout and "5 of 5 checks passed" in proc.stdout
 
