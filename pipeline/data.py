@@ -185,37 +185,41 @@ def _load_conll(cfg: Config, fmt: str) -> datasets.Dataset:
         {"__words": cfg.text_column, "__tags": cfg.label_column})
 
 
-def tsv_quoting(path: str) -> int:
-    """How a tab-separated file was written: csv.QUOTE_MINIMAL when it reads whole with quoted fields (as pandas,
-    Excel and Python's csv module write a field holding a tab, a quote or a newline), csv.QUOTE_NONE when every line
-    holds the header's number of fields with quotes taken as text (GLUE-style files with unbalanced quotes). When
-    both read, the quoted reading wins unless it joined lines the raw reading keeps apart (an opening quote that
-    was text). A file that reads neither way is refused, naming the first bad line of each reading."""
+def quoting_of(path: str, delimiter: str) -> int:
+    """How a comma- or tab-separated file was written: csv.QUOTE_MINIMAL when it reads whole with quoted fields (as
+    pandas, Excel and Python's csv module write a field holding the delimiter, a quote or a newline), csv.QUOTE_NONE
+    when every line holds the header's number of fields with quotes taken as text (GLUE-style files with unbalanced
+    quotes). When both read, the quoted reading wins unless it joined lines that the raw reading keeps apart (an
+    opening quote that was text). A file that reads neither way is refused, naming the first bad line of each."""
     _, compression = strip_compression(path)
+    kind = "tab-separated" if delimiter == "\t" else "comma-separated"
 
-    def read(quoting: int) -> tuple[str | None, int]:
-        """(the first problem or None, rows read)."""
+    def read(quoting: int) -> tuple[str | None, int, int]:
+        """(the first problem or None, rows, lines) of one reading."""
         with _OPEN.get(compression, open)(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
-            rows, n = csv.reader(fh, delimiter="\t", quoting=quoting, strict=quoting != csv.QUOTE_NONE), 0
+            rows, n = csv.reader(fh, delimiter=delimiter, quoting=quoting, strict=quoting != csv.QUOTE_NONE), 0
             try:
                 width = len(next(rows, []))
                 for row in rows:
                     n += bool(row)
                     if row and len(row) != width:
-                        return f"line {rows.line_num} has {len(row)} fields where the header has {width}", n
+                        return f"line {rows.line_num} has {len(row)} fields where the header has {width}", n, 0
             except csv.Error as e:
-                return f"line {rows.line_num}: {e}", n
-        return None, n
+                return f"line {rows.line_num}: {e}", n, 0
+            return None, n, rows.line_num
 
-    (quoted, n_quoted), (raw, n_raw) = read(csv.QUOTE_MINIMAL), read(csv.QUOTE_NONE)
+    quoted, n_quoted, lines = read(csv.QUOTE_MINIMAL)
+    if quoted is None and lines - 1 == n_quoted:  # no record spans lines: the raw reading could only do worse
+        return csv.QUOTE_MINIMAL
+    raw, n_raw, _ = read(csv.QUOTE_NONE)
     if quoted is None and (raw is not None or n_quoted == n_raw):
         return csv.QUOTE_MINIMAL
     if raw is None:
         return csv.QUOTE_NONE
     raise PipelineError(
-        f"cannot read {path!r} as tab-separated: with quoted fields (as pandas, Excel and Python's csv module write "
-        f"them), {quoted}; with quotes as plain text (GLUE style), {raw}. Fix that line (a field holding a tab or a "
-        f"newline must be quoted, with its quotes doubled), or convert the file to CSV or JSON lines.")
+        f"cannot read {path!r} as {kind}: with quoted fields (as pandas, Excel and Python's csv module write them), "
+        f"{quoted}; with quotes as plain text (GLUE style), {raw}. Fix that line (a field holding the delimiter or a "
+        f"newline must be quoted, with its quotes doubled), or convert the file to JSON lines or parquet.")
 
 
 def load_source(cfg: Config) -> datasets.Dataset:
@@ -228,9 +232,10 @@ def load_source(cfg: Config) -> datasets.Dataset:
     if fmt in ("conll", "conllu"):
         return _load_conll(cfg, fmt)
     try:
-        if fmt == "tsv":  # quoted fields (pandas, Excel, csv module) or raw text with stray quotes (GLUE)
-            ds = datasets.load_dataset("csv", data_files=path, split=cfg.split, delimiter="\t",
-                                       quoting=tsv_quoting(path))
+        if fmt in ("csv", "tsv"):  # quoted fields (pandas, Excel, csv module) or raw text with stray quotes (GLUE)
+            delimiter = "\t" if fmt == "tsv" else ","
+            ds = datasets.load_dataset("csv", data_files=path, split=cfg.split, delimiter=delimiter,
+                                       quoting=quoting_of(path, delimiter))
         elif fmt:
             ds = datasets.load_dataset(fmt, data_files=path, split=cfg.split)
         else:

@@ -36,7 +36,7 @@ from . import cache as C
 from .config import Config
 from .data import load_labeled, tag_index
 from .dist import process_state, share
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
 from .memory import release_heap
 from .tasks import task_for
@@ -82,7 +82,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
                 torch.distributed.destroy_process_group()
             raise SystemExit(2 if job == "error" else 0)
         _loop(job, cfg, state, device)
-        state.wait_for_everyone()
+        _wait_for_the_others(state, job)
         return out
     ensure_writable_dir(os.path.dirname(out), "cache folder", "--cache-dir")
     with exclusive_lock(out + ".lock", f"cache {out}", lock_timeout):
@@ -97,7 +97,7 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
         try:
             t0 = time.perf_counter()
             job.totals["loop_seconds"] = _loop(job, cfg, state, device)  # this process: forward + writes + commits
-            state.wait_for_everyone()
+            _wait_for_the_others(state, job)
             job.totals["loop_wall_seconds"] = time.perf_counter() - t0  # also model loading and waiting for the rest
             _finish(job)
         except torch.OutOfMemoryError:
@@ -121,6 +121,18 @@ def precompute(cfg: Config, force: bool = False, device: str | None = None, lock
                   file=sys.stderr)
             raise
     return out
+
+
+def _wait_for_the_others(state, job: Job) -> None:
+    """The barrier after every process's batches. A process that died (a killed node, a lost machine) breaks the
+    process group: say so, and how to resume, instead of the backend's traceback."""
+    try:
+        state.wait_for_everyone()
+    except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL: a watchdog or communicator error
+        raise PipelineError(
+            f"another process of this precompute stopped before the end ({first_line(e)[:160]}). The batches of "
+            f"every process committed so far stay in {job.tmp} ({C.committed(job.tmp)} of {job.totals['examples']} "
+            f"examples); start the same command again on every node (and process) to resume from them.") from None
 
 
 def _prepare(cfg: Config, out: str, force: bool) -> Job | None:

@@ -84,3 +84,17 @@ def test_a_tsv_that_reads_neither_way_names_the_line(tmp_path, cli):
         _texts(path)
     r = cli("precompute", "--dataset", path, "--exclude-labels", "none", check=False)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_csv_in_either_dialect(tmp_path):
+    frame = pd.DataFrame({"text": ['she said "no, thanks"', "a, b and c", "two\nlines"], "label": ["x", "y", "x"]})
+    frame.to_csv(tmp_path / "pandas.csv", index=False)  # quoted where needed
+    ds = _texts(tmp_path / "pandas.csv")
+    assert list(ds["text"]) == frame["text"].tolist()
+    raw = tmp_path / "raw.csv"  # hand-written, quotes as text, no comma inside a text
+    raw.write_text('text,label\n"Yes he said.,x\nit\'s "fine",y\n')
+    assert list(_texts(raw)["text"]) == ['"Yes he said.', 'it\'s "fine"']
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text,label\nfine,x\n"open, quote, and, more,y\n')
+    with pytest.raises(PipelineError, match=r"cannot read .* as comma-separated: .*line 3 has 5 fields"):
+        _texts(bad)
