@@ -86,6 +86,15 @@ def corpus_rows(n=160):
     return rows[:n]
 
 
+def write_csv(path, header: list, rows) -> str:
+    """A CSV file as Python's csv module writes it (quoted where needed): the header, then the rows."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def small_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "reviews.csv"

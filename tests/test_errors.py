@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2
 
 from pipeline.cli import main
 
-from conftest import cli_args, corpus_rows, options, run_cli
+from conftest import cli_args, corpus_rows, options, run_cli, write_csv
 
 
 def _fail(capsys, *argv):
@@ -65,13 +65,8 @@ def test_unknown_split(tmp_path, tiny_model, small_csv, capsys):
 
 
 def test_missing_labels(tmp_path, tiny_model, capsys):
-    path = tmp_path / "holes.csv"
-    rows = corpus_rows(40)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i, r in enumerate(rows):
-            w.writerow([r["text"], "" if i in (3, 17) else r["category"]])
+    path = write_csv(tmp_path / "holes.csv", ["text", "label"],
+                     ([r["text"], "" if i in (3, 17) else r["category"]] for i, r in enumerate(corpus_rows(40))))
     err = _fail(capsys, "precompute", *_opts(tmp_path, tiny_model(), path))
     assert "2 missing (None/NaN/empty) labels" in err and "[3, 17]" in err
     assert _no_cache_written(tmp_path)

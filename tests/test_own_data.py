@@ -12,16 +12,12 @@ from pipeline import make_config
 from pipeline.data import load_labeled, load_source
 from pipeline.errors import PipelineError
 
-from conftest import CORPUS, corpus_rows
+from conftest import CORPUS, corpus_rows, write_csv
 
 
 def test_own_csv_with_text_and_label_trains_with_dataset_alone(tmp_path, tiny_model, cli):
-    path = tmp_path / "mine.csv"
-    rows = corpus_rows(80)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        w.writerows([r["text"], "plot" if i % 10 == 0 else r["category"]] for i, r in enumerate(rows))
+    path = write_csv(tmp_path / "mine.csv", ["text", "label"],
+                     ([r["text"], "plot" if i % 10 == 0 else r["category"]] for i, r in enumerate(corpus_rows(80))))
     cfg = make_config("default", dataset=str(path))
     assert (cfg.label_column, cfg.exclude_labels) == ("label", None)  # the default corpus's specifics stay with it
     assert make_config("default").label_column == "category" and make_config("default").exclude_labels == "plot"
