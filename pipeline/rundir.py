@@ -121,6 +121,12 @@ class RunDir:
                     return os.path.join(root, name), TrainerState.from_json(fh.read())
         return None
 
+    def config_diff(self, cfg: Config) -> list:
+        """The settings in which the run here differs from `cfg` (those a resume may change left out)."""
+        saved, now = self.read_json(CONFIG)["config"], cfg.to_dict()
+        return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
+                if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+
     # --- starting or resuming ---
     def prepare(self, cfg: Config, resume: bool) -> tuple[str | None, TrainerState | None]:
         """Fresh runs need a new directory; --resume continues one with the same config. Returns (checkpoint, state)
@@ -136,9 +142,7 @@ class RunDir:
         if not self.exists():
             raise PipelineError(f"--resume: {self.path} holds no run to continue (no {CONFIG}); drop --resume to "
                                 f"start it fresh.")
-        saved, now = self.read_json(CONFIG)["config"], cfg.to_dict()
-        diff = [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
-                if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+        diff = self.config_diff(cfg)
         if diff:
             raise PipelineError(f"--resume: the run in {self.path} was started with another config:\n  " +
                                 "\n  ".join(diff) + "\nResume with the original options, or start a new --run-name.")

@@ -205,6 +205,11 @@ def run_trial(trial, cfg: Config, cache_path: str, metric: str, shared: dict) ->
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     if not run.exists() and os.path.isdir(run.path):  # cut short before its config was written: nothing to keep
         shutil.rmtree(run.path)
+    diff = run.config_diff(cfg) if run.exists() else []
+    if diff:  # a run of an earlier study of the same name (its database removed, its runs kept)
+        raise PipelineError(f"{run.path} holds a run with other settings than trial {trial.number} of study "
+                            f"{trial.study.study_name!r} ({'; '.join(diff[:3])}): it was left by an earlier study of "
+                            f"that name. Move it away, or choose another --study-name (nothing is overwritten).")
 
     def report(metrics: dict, step: int) -> None:
         trial.report(metrics[metric], step)

@@ -57,6 +57,12 @@ def test_search_prunes_reports_every_evaluation_and_continues(tmp_path, tiny_mod
     other = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2}}, name="s")
     r = cli("search", "--space", other, "--trials", 10, *opts, check=False)
     assert r.returncode == 2 and "another search space" in r.stderr
+    # its database removed, a new study of that name meets the old runs: refused, nothing overwritten
+    before = (tmp_path / "runs" / "s-0000" / "metrics.jsonl").read_text()
+    db.unlink()
+    r = cli("search", "--space", other, "--trials", 1, *opts, check=False)
+    assert r.returncode == 2 and "holds a run with other settings than trial 0" in r.stderr
+    assert "--study-name" in r.stderr and (tmp_path / "runs" / "s-0000" / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize("space,message", [
@@ -90,7 +96,7 @@ def test_two_worker_processes_share_one_study(tmp_path, tiny_model, small_csv, c
     url = str(tmp_path / "study.log") if storage == "journal" else request.getfixturevalue("postgres_url")
     space = _space(tmp_path, {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "seed": {"type": "int", "low": 1, "high": 50}},
-                   base={"epochs": 20, "checkpoint_every": -1})  # ~1.5 s a trial; the 2nd worker starts in ~5 s
+                   base={"epochs": 14, "checkpoint_every": -1})  # ~1 s a trial; the 2nd worker starts in ~5 s
     opts = cli_args(options(tmp_path, tiny_model("bert"), small_csv))
     out = cli("search", "--space", space, "--trials", 12, "--jobs", 2, "--storage", url, "--pruner", "none",
               *opts).stdout
