@@ -8,7 +8,6 @@ when the Config is built. Bad input exits with status 2 and a one-paragraph mess
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -16,6 +15,7 @@ from dataclasses import MISSING, fields
 
 from .config import COMMAND_GROUPS, OPTION_GROUPS, PRESETS, Config, literal_choices, make_config
 from .errors import PipelineError
+from .fsutil import read_json
 
 
 def _bool(v: str) -> bool:
@@ -144,11 +144,7 @@ def _config_options(group, names, hidden: bool = False) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides = {}
     if args.config:
-        try:
-            with open(args.config) as fh:
-                overrides.update(json.load(fh))
-        except (OSError, json.JSONDecodeError) as e:
-            raise PipelineError(f"cannot read --config {args.config!r}: {e}") from None
+        overrides.update(read_json(args.config, "--config"))
     overrides.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
     overrides.pop("preset", None)
     return make_config(args.preset, **overrides)

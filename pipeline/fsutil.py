@@ -17,6 +17,15 @@ except ImportError:  # Windows: no flock; precompute runs unlocked there
     fcntl = None
 
 
+def read_json(path: str, what: str):
+    """A JSON file the user named (a config, a search space, a grid); unreadable or invalid: a clear error."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PipelineError(f"cannot read {what} {path!r}: {e}") from None
+
+
 def ensure_writable_dir(path: str, what: str, option: str) -> None:
     """Create `path` if needed and prove a file can be written there; else a clear error naming the option."""
     try:

@@ -29,6 +29,7 @@ from sklearn.model_selection import ParameterGrid
 
 from .config import Config
 from .errors import PipelineError
+from .fsutil import read_json
 
 TYPES = ("float", "int", "categorical")
 PRUNED = "pruned.json"
@@ -37,11 +38,7 @@ MAX_RETRY = 3  # retries of a trial whose worker died
 
 def read_space(path: str) -> dict:
     """The space file, checked: known Config fields, known types, possible ranges; refused before any trial."""
-    try:
-        with open(path) as fh:
-            spec = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PipelineError(f"cannot read --space {path!r}: {e}") from None
+    spec = read_json(path, "--space")
     if not isinstance(spec, dict) or not isinstance(spec.get("space"), dict) or not spec["space"]:
         raise PipelineError(f"--space {path!r} needs a non-empty \"space\" object mapping Config fields to "
                             f"distributions (see `python -m pipeline search --help`).")
@@ -156,10 +153,8 @@ def search(cfg: Config, space_file: str, trials: int = 10, timeout: float | None
     command = ["search", "--space", space_file, "--trials", str(trials), "--sampler", sampler, "--pruner", pruner,
                "--storage", storage, "--study-name", name, "--heartbeat", str(heartbeat),
                *(["--timeout", str(timeout)] if timeout else [])]
-    if worker == 0:
-        retry_failed(study)
-    with workers(jobs, cfg, command, os.path.join(cfg.runs_dir, f"{name}.config.json")):
-        run_trials(study, objective, trials, timeout)
+    run_study(study, objective, trials, timeout, jobs, worker, cfg, command,
+              os.path.join(cfg.runs_dir, f"{name}.config.json"))
     return report(study, os.path.join(cfg.runs_dir, name), metric, storage)
 
 
@@ -221,6 +216,16 @@ def run_trial(trial, cfg: Config, cache_path: str, metric: str, shared: dict) ->
     return train(cfg, cache_path=cache_path, resume=run.exists(), shared=shared, on_evaluate=report)[metric]
 
 
+def run_study(study, objective, trials: int, timeout: float | None, jobs: int, worker: int, cfg: Config,
+              command: list, config_file: str) -> None:
+    """Search and sweep alike: worker 0 queues the retries of failed trials, then this process and jobs - 1 more
+    workers (`python -m pipeline <command>` with `cfg`) run trials until the study holds `trials`."""
+    if worker == 0:
+        retry_failed(study)
+    with workers(jobs, cfg, command, config_file):
+        run_trials(study, objective, trials, timeout)
+
+
 def retry_failed(study) -> None:
     """Queue a retry of every failed trial not retried yet (Ctrl-C, an error, a worker that died), up to MAX_RETRY
     times each. Worker 0 only, before it starts the others: two workers doing this at once would queue one trial
@@ -271,12 +276,23 @@ def _beats(study) -> bool:
     return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
+def _local_worker_alive(trial) -> bool | None:
+    """Whether the process that runs `trial` is alive: None when it runs on another machine (or is not recorded).
+    A zombie (a killed child its parent has not reaped yet) is dead."""
+    import psutil
+
+    host, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _local_workers(study) -> list:
     """Running trials whose worker is a live process of this machine."""
-    host = socket.gethostname()
-    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
-            and t.user_attrs.get("worker", "").rpartition(":")[0] == host
-            and _alive(int(t.user_attrs["worker"].rpartition(":")[2]))]
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING" and _local_worker_alive(t)]
 
 
 def _fail_dead_local_workers(study, retry) -> None:
@@ -286,32 +302,13 @@ def _fail_dead_local_workers(study, retry) -> None:
 
     if _beats(study):
         return
-    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        if where == host and pid.isdigit() and not _alive(int(pid)):
+        if _local_worker_alive(t) is False:
             try:
                 study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
                 continue
             retry(study, study._storage.get_trial(t._trial_id))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (a killed child its parent has not reaped yet) is dead too
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def report(study, prefix: str, metric: str, storage: str) -> SearchResult:

@@ -18,17 +18,14 @@ from sklearn.model_selection import ParameterGrid
 from .cache import open_cache
 from .config import Config
 from .errors import PipelineError
+from .fsutil import read_json
 from .precompute import precompute
 from .rundir import RunDir
-from .search import HEARTBEAT, open_study, report, retry_failed, run_trial, run_trials, workers
+from .search import HEARTBEAT, open_study, report, run_study, run_trial
 
 
 def load_grid(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            spec = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PipelineError(f"cannot read the sweep grid {path!r}: {e}") from None
+    spec = read_json(path, "the sweep grid")
     known = {f.name for f in fields(Config)}
     grids = spec.get("grids") or ([spec["grid"]] if "grid" in spec else [])
     if not grids:
@@ -95,10 +92,8 @@ def sweep(base: Config, grid_file: str, jobs: int = 1, storage: str | None = Non
         return run_trial(trial, cfgs[point], cfgs[point].cache_path(), metric, shared)
 
     command = ["sweep", "--grid", grid_file, "--storage", storage, "--heartbeat", str(heartbeat)]
-    if worker == 0:
-        retry_failed(study)
-    with workers(jobs, base, command, os.path.join(out_dir, "sweep_config.json")):
-        run_trials(study, objective, len(points), None)
+    run_study(study, objective, len(points), None, jobs, worker, base, command,
+              os.path.join(out_dir, "sweep_config.json"))
     report(study, os.path.join(out_dir, "trials"), metric, storage)
     grid_keys = [k for k in dict.fromkeys(k for p in points.values() for k in p) if k != "k"]
     rows = [_row(cfgs[s], infos[s], out_dir, grid_keys) for s in points]

@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -102,8 +101,6 @@ def ours_search(cfg, trials: int, eval_every: int, work: str, jobs: int = 1, nam
     """This product: precompute the depths the space names once (a no-op when the cache is there), then search."""
     from dataclasses import replace
 
-    import optuna
-
     from pipeline import precompute, search
 
     space = os.path.join(work, f"{name}.json")
@@ -116,7 +113,7 @@ def ours_search(cfg, trials: int, eval_every: int, work: str, jobs: int = 1, nam
     result = search(cfg, space, trials=trials, sampler="tpe", pruner="median", jobs=jobs)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "precompute_seconds": pre, "trial_seconds": seconds - pre, "jobs": jobs,
-            **_counts(optuna.load_study(study_name=name, storage=result.study._storage))}
+            **_counts(result.study)}
 
 
 def _child(name, cfg_dict, *args) -> dict:
