@@ -23,7 +23,7 @@ def _opts(tmp_path, model, dataset, **kw):
     return cli_args(options(tmp_path, model, dataset, **kw))
 
 
-def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
+def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv, cli):
     opts = _opts(tmp_path, tiny_model("bert"), small_csv)
     out = run_cli("precompute", *opts).stdout
     assert "precompute done: 160 examples" in out
@@ -54,9 +54,9 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
         # labels are stratified: both classes in validation
         assert set(f["validation"]["labels"][:].tolist()) == {0, 1}
 
-    assert "up to date" in run_cli("precompute", *opts).stdout
+    assert "up to date" in cli("precompute", *opts).stdout
 
-    proc = run_cli("train", *opts, "--max-steps", 2, "--run-name", "smoke")
+    proc = cli("train", *opts, "--max-steps", 2, "--run-name", "smoke")
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"accuracy=\d\.\d{4} f1=\d\.\d{4} loss=\d\.\d{4}", last), proc.stdout
     run = tmp_path / "runs" / "smoke"
@@ -70,12 +70,12 @@ def test_cli_precompute_train_verify(tmp_path, tiny_model, small_csv):
     assert any(n.startswith("bert.encoder.layer.1.") for n in names)  # top holds layers 1, 2 renumbered 0, 1
     assert not any(n.startswith("bert.encoder.layer.2.") or "embeddings" in n for n in names)
 
-    ver = run_cli("verify", *opts, "--samples", 16).stdout
+    ver = cli("verify", *opts, "--samples", 16).stdout
     diff = float(re.search(r"max_abs_logit_diff=(\S+)", ver).group(1))
     assert diff < 1e-3
 
 
-def test_reference_preset_with_local_standins(tmp_path, tiny_model):
+def test_reference_preset_with_local_standins(tmp_path, tiny_model, cli):
     """The bert-base-amazon preset's own loading path (load_dataset(name, config, split) + from_pretrained(id)),
     pointed at a local folder dataset and a tiny local BERT instead of the Hub. A stand-in dataset is another
     dataset: the preset's column names apply to amazon_polarity only, so the stand-in names its text column."""
@@ -87,7 +87,7 @@ def test_reference_preset_with_local_standins(tmp_path, tiny_model):
     opts = cli_args(dict(model=tiny_model("bert"), dataset=folder, cache_dir=tmp_path / "cache",
                          runs_dir=tmp_path / "runs", k=2, max_length=64, precompute_batch_size=32,
                          text_column="content"))
-    run_cli("precompute", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts)
+    cli("precompute", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts)
     (path,) = (tmp_path / "cache").glob("*.h5")
     assert path.name.startswith("amazon_like-k2-")  # named after the data (the preset's own dataset: the preset)
     with h5py.File(path) as f:
@@ -96,15 +96,16 @@ def test_reference_preset_with_local_standins(tmp_path, tiny_model):
         cfg = json.loads(f.attrs["config_json"])
         assert (cfg["lr"], cfg["batch_size"], cfg["text_column"], cfg["preset"]) == (2e-5, 16, "content",
                                                                                      "bert-base-amazon")
-    out = run_cli("train", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts, "--max-steps", 2).stdout
+    out = cli("train", "--preset", "bert-base-amazon", "--split", "train[:80]", *opts, "--max-steps", 2).stdout
     assert re.search(r"^accuracy=\S+ f1=\S+ loss=\S+$", out, re.M)
 
 
-def test_multiprocess_training_with_torchrun(tmp_path, tiny_model, small_csv):
+def test_multiprocess_training_with_torchrun(tmp_path, tiny_model, small_csv, cli):
     opts = _opts(tmp_path, tiny_model("bert"), small_csv)
-    run_cli("precompute", *opts)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline",
-                           "train", *map(str, opts), "--max-steps", "3", "--run-name", "ddp"],
+    cli("precompute", *opts)
+    # --standalone: a rendezvous on a free local port (not the fixed 29500 another job may hold)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "pipeline", "train", *map(str, opts), "--max-steps", "3", "--run-name", "ddp"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -114,7 +115,7 @@ def test_multiprocess_training_with_torchrun(tmp_path, tiny_model, small_csv):
     assert (rec["val_accuracy"] * 16) == round(rec["val_accuracy"] * 16)
 
 
-def test_regression_jsonl_and_text_pair_parquet(tmp_path, tiny_model):
+def test_regression_jsonl_and_text_pair_parquet(tmp_path, tiny_model, cli):
     rows = corpus_rows(90)
     jsonl = tmp_path / "scores.jsonl"
     with open(jsonl, "w") as fh:
@@ -127,7 +128,7 @@ def test_regression_jsonl_and_text_pair_parquet(tmp_path, tiny_model):
     result = train(cfg)
     assert set(result) >= {"mse", "pearson", "spearman"} and result["mse"] >= 0
     texts = ["A gripping, beautifully acted film.", "Flat, dull and far too long."]
-    lines = run_cli("predict", "--model-dir", tmp_path / "runs" / "reg", *texts).stdout.splitlines()
+    lines = cli("predict", "--model-dir", tmp_path / "runs" / "reg", *texts).stdout.splitlines()
     assert [line.split("\t")[1] for line in lines] == texts  # one value per prediction, then the text
     assert all(float(line.split("\t")[0]) == float(line.split("\t")[0]) for line in lines)
 

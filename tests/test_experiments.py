@@ -123,7 +123,7 @@ def test_export_gives_the_same_logits_and_predict_classifies_texts(tmp_path, tin
     assert bad.returncode == 2 and "neither a run directory" in bad.stderr
 
 
-def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_model, small_csv):
+def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_model, small_csv, cli):
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps({"name": "tiny", "base": {"depths": "1,2,3", "epochs": 1, "max_steps": 2},
                                 "grids": [{"k": [3, 1], "seed": [1, 2]}, {"stages": ["3,2"], "seed": [1, 2]}]}))
@@ -156,7 +156,7 @@ def test_sweep_runs_a_grid_resumably_and_writes_table_and_plot(tmp_path, tiny_mo
     assert (d / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for row in rows:
         assert (d / row["run"] / "results.json").exists() and (d / row["run"] / "top.safetensors").exists()
-    again = run_cli("sweep", "--grid", grid, *opts).stdout  # the same command continues the study: nothing left
+    again = cli("sweep", "--grid", grid, *opts).stdout  # the same command continues the study: nothing left
     assert "6 finished earlier" in again and ": training" not in again and "is up to date" in again
     assert hint in again and len(optuna.load_study(study_name="tiny", storage=f"sqlite:///{d / 'study.db'}")
                                  .trials) == 6

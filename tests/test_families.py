@@ -21,7 +21,7 @@ from pipeline.precompute import precompute
 from pipeline.train import train
 from pipeline.verify import verify
 
-from conftest import TINY_CONFIGS, VARIANTS, TokenSplit, cli_args, options, reference_training, run_cli, tiny_cfg
+from conftest import TINY_CONFIGS, VARIANTS, TokenSplit, cli_args, options, reference_training, tiny_cfg
 
 FAMILIES = sorted(TINY_CONFIGS) + sorted(VARIANTS)  # 12 model types (+ the DeBERTa-v3 layout)
 L = 3  # layers of every tiny model
@@ -156,7 +156,7 @@ def test_decoder_pools_the_last_real_token_with_left_or_right_padding(tmp_path, 
         assert (last - got).abs().max().item() > 1e-3
 
 
-def test_bf16_cache_and_fp16_overflow_is_refused_naming_bf16(tmp_path, tiny_model, small_csv):
+def test_bf16_cache_and_fp16_overflow_is_refused_naming_bf16(tmp_path, tiny_model, small_csv, cli):
     """A decoder whose states exceed float16: the float16 precompute stops with a message naming bfloat16 (exit 2,
     no traceback); --cache-dtype bfloat16 stores raw 16-bit values (dtype recorded), which read back as the states
     rounded to bfloat16, pass `check`, train and verify."""
@@ -167,7 +167,7 @@ def test_bf16_cache_and_fp16_overflow_is_refused_naming_bf16(tmp_path, tiny_mode
     model.save_pretrained(folder)
     load_tokenizer(tiny_cfg(tmp_path, tiny_model("llama"), small_csv)).save_pretrained(folder)
     opts = options(tmp_path, str(folder), small_csv, k=1)
-    bad = run_cli("precompute", *cli_args(opts), check=False)
+    bad = cli("precompute", *cli_args(opts), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "beyond float16's range" in bad.stderr and "--cache-dtype bfloat16" in bad.stderr
 

@@ -16,7 +16,7 @@ from pipeline.precompute import precompute
 from pipeline.rundir import RunDir
 from pipeline.train import train
 
-from conftest import cli_args, corpus_rows, options, run_cli, tiny_cfg
+from conftest import cli_args, corpus_rows, options, tiny_cfg
 
 HEADER = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]  # the MSR paraphrase corpus's layout
 
@@ -120,19 +120,19 @@ def test_txt_pair_corpus_precomputes_trains_evaluates_and_predicts(tmp_path, tin
     assert single.returncode == 2 and "trained on text pairs" in single.stderr and "--text-pair" in single.stderr
 
 
-def test_failed_precompute_leaves_no_lock_and_odd_files_are_sniffed_or_named(tmp_path, tiny_model, pair_files):
+def test_failed_precompute_leaves_no_lock_and_odd_files_are_sniffed_or_named(tmp_path, tiny_model, pair_files, cli):
     train_file, _ = pair_files
     renamed = tmp_path / "corpus.dat"
     renamed.write_text(open(train_file).read())
     opts = _pair_opts(tmp_path, tiny_model("bert"), renamed, max_examples=40)
-    bad = run_cli("precompute", *opts, "--label-column", "nope", check=False)
+    bad = cli("precompute", *opts, "--label-column", "nope", check=False)
     assert bad.returncode == 2 and "no column(s) ['nope']" in bad.stderr
     assert not list((tmp_path / "cache").glob("*.lock"))
-    run_cli("precompute", *opts)  # an unknown extension: sniffed as tab-separated
+    cli("precompute", *opts)  # an unknown extension: sniffed as tab-separated
     assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.h5")] == ["corpus"]
     prose = tmp_path / "notes.txt"
     prose.write_text("just some prose\nwithout columns\n")
-    bad = run_cli("precompute", *_pair_opts(tmp_path, tiny_model("bert"), prose), check=False)
+    bad = cli("precompute", *_pair_opts(tmp_path, tiny_model("bert"), prose), check=False)
     assert bad.returncode == 2 and "--dataset-format csv|tsv|json|parquet" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
 

@@ -54,7 +54,7 @@ def _assert_same_arrays(a_path, b_path):
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
 
 
-def test_sigkilled_precompute_resumes_to_identical_cache(tmp_path, tiny_model, corpus_csv):
+def test_sigkilled_precompute_resumes_to_identical_cache(tmp_path, tiny_model, corpus_csv, cli):
     opts = _big(tmp_path, tiny_model(), corpus_csv(N_BIG))
     ref = precompute(make_config(**{**opts, "cache_dir": str(tmp_path / "ref")}))
 
@@ -71,12 +71,12 @@ def test_sigkilled_precompute_resumes_to_identical_cache(tmp_path, tiny_model, c
     with pytest.raises(PipelineError, match="interrupted precompute left a .tmp"):
         open_cache(out, cfg)
 
-    rerun = run_cli("precompute", *cli_args(opts)).stdout
+    rerun = cli("precompute", *cli_args(opts)).stdout
     assert f"resuming {tmp}: {committed} of {N_BIG} examples" in rerun and "waiting" not in rerun
     assert f"{committed} resumed" in rerun
     assert not os.path.exists(tmp)
     _assert_same_arrays(ref, out)
-    assert "passed all checks" in run_cli("check", *cli_args(opts)).stdout
+    assert "passed all checks" in cli("check", *cli_args(opts)).stdout
 
 
 MOUNT_AND_FILL = r"""
@@ -209,10 +209,10 @@ def test_missing_dataset_and_bad_offsets_are_named(tmp_path, tiny_model, small_c
         open_cache(path, cfg)
 
 
-def test_check_finds_flipped_bytes_and_nan(tmp_path, tiny_model, small_csv):
+def test_check_finds_flipped_bytes_and_nan(tmp_path, tiny_model, small_csv, cli):
     cfg, path = _damaged(tmp_path, tiny_model, small_csv)
     opts = cli_args(dict(model=cfg.model, dataset=cfg.dataset, cache_dir=cfg.cache_dir, k=1, max_length=32))
-    good = run_cli("check", *opts, "--recompute", 8).stdout
+    good = cli("check", *opts, "--recompute", 8).stdout
     assert "sha256 of" in good and "8 recomputed rows match" in good and "passed all checks" in good
     with h5py.File(path, "r") as f:
         offset = f["train/layer_1/hidden"].id.get_offset()  # contiguous: raw bytes sit at this file offset
@@ -220,12 +220,12 @@ def test_check_finds_flipped_bytes_and_nan(tmp_path, tiny_model, small_csv):
         fh.seek(offset + 1000)
         fh.write(b"\x00\x7c\xff\xff")  # +Inf and NaN in fp16
     open_cache(path, cfg)  # structure is fine...
-    bad = run_cli("check", "--cache", path, check=False)
+    bad = cli("check", "--cache", path, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "sha256 mismatch" in bad.stderr and "train/layer_1/hidden" in bad.stderr and "NaN/Inf" in bad.stderr
 
 
-def test_check_recompute_detects_a_changed_model(tmp_path, tiny_model, small_csv):
+def test_check_recompute_detects_a_changed_model(tmp_path, tiny_model, small_csv, cli):
     model = tmp_path / "model"
     m = AutoModelForSequenceClassification.from_pretrained(tiny_model())
     m.save_pretrained(model)
@@ -236,7 +236,7 @@ def test_check_recompute_detects_a_changed_model(tmp_path, tiny_model, small_csv
     m.base_model.encoder.layer[0].output.dense.weight.data += 0.1 * torch.randn_like(
         m.base_model.encoder.layer[0].output.dense.weight)
     m.save_pretrained(model)
-    proc = run_cli("check", "--cache", path, "--recompute", 8, check=False)
+    proc = cli("check", "--cache", path, "--recompute", 8, check=False)
     assert proc.returncode == 2 and "recomputed rows differ from the cache" in proc.stderr
     assert "frozen weights" in proc.stderr
 
@@ -282,7 +282,7 @@ def _checkpoints(run_dir):
     return sorted(p for p in root.glob("*/trainer_state.json")) if root.exists() else []
 
 
-def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, corpus_csv):
+def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, corpus_csv, cli):
     from safetensors.torch import load_file
 
     # evaluation every 20 steps, the best by validation loss, early stopping after 8 evaluations without a better
@@ -292,7 +292,7 @@ def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, cor
                 checkpoint_every=5, eval_every=20, metric_for_best="loss", early_stopping_patience=8, save_last=True)
     precompute(make_config(**base))
     opts = cli_args(base)
-    ref = run_cli("train", *opts, "--run-name", "ref").stdout.strip().splitlines()[-1]
+    ref = cli("train", *opts, "--run-name", "ref").stdout.strip().splitlines()[-1]
 
     run = tmp_path / "runs" / "killed"
     proc = _popen_cli("train", *opts, "--run-name", "killed")
@@ -310,9 +310,9 @@ def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, cor
     state = json.loads(_checkpoints(run)[-1].read_text())
     assert state["epoch"] == 2 and 0 < state["batches_done"] < steps_per_epoch and state["step"] > steps_per_epoch
 
-    again = run_cli("train", *opts, "--run-name", "killed", check=False)
+    again = cli("train", *opts, "--run-name", "killed", check=False)
     assert again.returncode == 2 and "--resume" in again.stderr  # a run dir is never silently overwritten
-    resumed = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout
+    resumed = cli("train", *opts, "--run-name", "killed", "--resume").stdout
     assert f"epoch 2, step {state['step']}, {state['batches_done']} batches of the epoch done" in resumed
     assert resumed.strip().splitlines()[-1] == ref  # same final metrics
     for top in ("top.safetensors", "top_last.safetensors"):  # the best and the last weights
@@ -329,9 +329,9 @@ def test_sigkilled_training_resumes_to_the_same_result(tmp_path, tiny_model, cor
     assert res["best"]["step"] == ref_res["best"]["step"] and res["stopped_early"] == ref_res["stopped_early"]
     assert not (run / "checkpoints").exists()  # removed once the run finished
 
-    done = run_cli("train", *opts, "--run-name", "killed", "--resume").stdout
+    done = cli("train", *opts, "--run-name", "killed", "--resume").stdout
     assert "already finished" in done and done.strip().splitlines()[-1] == ref
-    changed = run_cli("train", *opts, "--lr", "5e-4", "--run-name", "killed", "--resume", check=False)
+    changed = cli("train", *opts, "--lr", "5e-4", "--run-name", "killed", "--resume", check=False)
     assert changed.returncode == 2 and "lr: run has 0.001, now 0.0005" in changed.stderr
 
 

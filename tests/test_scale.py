@@ -27,7 +27,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun gives each process one thread:
 
 
 def _torchrun(*args, env=None, check=True, popen=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", *map(str, args)]
+    # --standalone: a rendezvous on a free local port (not the fixed 29500 another job may hold)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline",
+           *map(str, args)]
     kw = dict(cwd=ROOT, env={**os.environ, **ONE_THREAD, **(env or {})}, text=True, stdout=subprocess.PIPE,
               stderr=subprocess.PIPE)
     if popen:
@@ -105,9 +107,9 @@ def _assert_close(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def assert_two_processes_train_like_one(tmp_path, opts):
+def assert_two_processes_train_like_one(tmp_path, opts, cli):
     """Precompute, then train runs "one" (1 process) and "two" (torchrun, 2): the same validation line and weights."""
-    run_cli("precompute", *opts)
+    cli("precompute", *opts)
     single = run_cli("train", *opts, "--run-name", "one", env=ONE_THREAD).stdout
     ddp = _torchrun("train", *opts, "--run-name", "two").stdout
     assert "2 process(es)" in ddp and "1 process(es)" in single
@@ -115,12 +117,12 @@ def assert_two_processes_train_like_one(tmp_path, opts):
     _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "two"))
 
 
-def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_dropout_model, small_csv):
+def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_dropout_model, small_csv, cli):
     # 128 train examples, global batch 8: 16 full batches per epoch, each split 4 + 4 over the processes
     opts = cli_args(dict(model=no_dropout_model, dataset=small_csv, cache_dir=tmp_path / "cache",
                          runs_dir=tmp_path / "runs", depths="1,2,3", stages="3,2,1", epochs=2, max_length=64,
                          batch_size=8, eval_batch_size=16, lr=1e-3, checkpoint_every=5))
-    assert_two_processes_train_like_one(tmp_path, opts)
+    assert_two_processes_train_like_one(tmp_path, opts, cli)
 
     # killed mid-stage 2 after a checkpoint, then resumed with 2 processes: still the single-process result
     proc = _torchrun("train", *opts, "--run-name", "killed", popen=True)
@@ -139,10 +141,10 @@ def test_ddp_equals_one_process_with_gradual_unfreezing_and_resume(tmp_path, no_
     _assert_close(_weights(tmp_path, "one"), _weights(tmp_path, "killed"))
 
 
-def test_global_batch_must_split_evenly(tmp_path, tiny_model, small_csv):
+def test_global_batch_must_split_evenly(tmp_path, tiny_model, small_csv, cli):
     opts = cli_args(dict(model=tiny_model(), dataset=small_csv, cache_dir=tmp_path / "cache", k=1, max_length=64,
                          batch_size=7, runs_dir=tmp_path / "runs"))
-    run_cli("precompute", *opts)
+    cli("precompute", *opts)
     proc = _torchrun("train", *opts, check=False)
     assert proc.returncode != 0 and "make both multiples of 2" in proc.stderr
 
@@ -176,7 +178,7 @@ def _two_nodes(tmp_path, *args, check=True):
 
 
 def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resumes(tmp_path, no_dropout_model,
-                                                                                   corpus_csv):
+                                                                                   corpus_csv, cli):
     data = corpus_csv(600)
     opts = dict(model=no_dropout_model, dataset=data, runs_dir=tmp_path / "shared" / "runs", k=1, max_length=64,
                 batch_size=8, eval_batch_size=16, epochs=1, lr=1e-3, precompute_batch_size=4, commit_seconds=0,
@@ -211,7 +213,7 @@ def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resum
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
-    assert "passed all checks" in run_cli("check", *shared).stdout
+    assert "passed all checks" in cli("check", *shared).stdout
 
     # training on two nodes (global batch 8 = 4 + 4) gives the one-process result
     single = run_cli("train", *shared, "--run-name", "one", env=ONE_THREAD).stdout

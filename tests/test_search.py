@@ -156,8 +156,10 @@ def test_a_worker_killed_mid_trial_is_retried_from_its_checkpoint(tmp_path, tiny
         except Exception:  # the study is not created yet
             continue
         for t in running:
+            # a complete checkpoint (trainer_state.json is written last): a checkpoint folder alone may be one the
+            # kill cuts short, which the retry rightly passes over
             if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and \
-                    (tmp_path / "runs" / f"s-{t.number:04d}" / "checkpoints").is_dir():
+                    any((tmp_path / "runs" / f"s-{t.number:04d}" / "checkpoints").glob("*/trainer_state.json")):
                 os.kill(victim.pid, signal.SIGKILL)
                 killed = t
                 break

@@ -53,7 +53,7 @@ def test_remote_code_is_not_run_unless_asked(tmp_path, tiny_model, small_csv):
     assert not marker.exists()
 
 
-def test_checkpoints_hold_safetensors_and_pickled_code_is_refused(tmp_path, tiny_model, corpus_csv):
+def test_checkpoints_hold_safetensors_and_pickled_code_is_refused(tmp_path, tiny_model, corpus_csv, cli):
     base = dict(model=tiny_model(), dataset=corpus_csv(600), cache_dir=str(tmp_path / "cache"),
                 runs_dir=str(tmp_path / "runs"), k=1, max_length=64, batch_size=8, epochs=3, checkpoint_every=0)
     precompute(make_config(**base))
@@ -75,6 +75,6 @@ def test_checkpoints_hold_safetensors_and_pickled_code_is_refused(tmp_path, tiny
     marker = tmp_path / "ran"
     with open(ckpt / "optimizer.bin", "wb") as fh:
         pickle.dump({"state": _Evil(str(marker))}, fh)
-    out = run_cli("train", *opts, "--run-name", "r", "--resume", check=False)
+    out = cli("train", *opts, "--run-name", "r", "--resume", check=False)
     assert out.returncode == 2 and "cannot load checkpoint" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists()

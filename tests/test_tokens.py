@@ -24,7 +24,7 @@ from pipeline.precompute import precompute
 from pipeline.tasks import IGNORE, TASKS, Outputs, entity_scheme, iob2_breaks
 from pipeline.verify import verify
 
-from conftest import ROOT, cli_args, options, run_cli
+from conftest import ROOT, cli_args, options
 
 from test_families import FAMILIES, L, _arch, _to_full_name
 
@@ -325,16 +325,16 @@ def test_cli_train_evaluate_predict_and_unknown_tags(tmp_path, tiny_model, ner_f
     ("Paris\tB-loc\nis\tO\tX\n", r"line 2: 3 column\(s\), but line 1 has 2"),
     ("Paris\tB-loc\n\tO\n", r"line 2: the word column is empty"),
 ])
-def test_bad_conll_lines_are_refused_with_file_and_line(tmp_path, tiny_model, content, message):
+def test_bad_conll_lines_are_refused_with_file_and_line(tmp_path, tiny_model, content, message, cli):
     p = tmp_path / "bad.conll"
     p.write_text(content)
-    r = run_cli("precompute", *cli_args(tok_opts(tmp_path, tiny_model("bert"), str(p))), check=False)
+    r = cli("precompute", *cli_args(tok_opts(tmp_path, tiny_model("bert"), str(p))), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "bad.conll" in r.stderr and __import__("re").search(message, r.stderr), r.stderr
     assert not list((tmp_path / "cache").glob("*.h5*"))  # nothing cached
 
 
-def test_bad_token_rows_and_iob2_breaks(tmp_path, tiny_model):
+def test_bad_token_rows_and_iob2_breaks(tmp_path, tiny_model, cli):
     jl = tmp_path / "rows.jsonl"
     good = [{"tokens": ["a", "b"], "tags": ["B-x", "O"]}] * 10
     for rows, message in (([{"tokens": [], "tags": []}] + good, "a sentence with no words"),
@@ -346,7 +346,7 @@ def test_bad_token_rows_and_iob2_breaks(tmp_path, tiny_model):
         with pytest.raises(PipelineError, match=message):
             load_labeled(cfg)
     jl.write_text("".join(json.dumps(r) + "\n" for r in good + [{"tokens": ["a", "b"], "tags": ["O", "I-x"]}]))
-    r = run_cli("precompute", *cli_args(tok_opts(tmp_path, tiny_model("bert"), str(jl), text_column="tokens",
+    r = cli("precompute", *cli_args(tok_opts(tmp_path, tiny_model("bert"), str(jl), text_column="tokens",
                                                  label_column="tags")))
     assert "1 tags break the IOB2 scheme" in r.stdout and "first rows [10]" in r.stdout
 
@@ -363,12 +363,13 @@ def test_wnut_default_preset_reads_the_packaged_tweets():
     assert make_config("ner").best_metric(data.label_names) == ("f1", True)
 
 
-def test_two_processes_train_a_token_task_like_one(tmp_path, tiny_model, ner_file):
+def test_two_processes_train_a_token_task_like_one(tmp_path, tiny_model, ner_file, cli):
     """The batch is global: each of 2 processes takes half of it and holds another number of scored tokens. The
     loss is the token mean of the whole batch either way (each process's sum over the global count), and the
     per-token validation outputs are padded to one width before they are gathered: 2 processes give the
     1-process weights and validation metrics."""
     from test_scale import assert_two_processes_train_like_one
 
-    assert_two_processes_train_like_one(tmp_path, cli_args(tok_opts(
-        tmp_path, tiny_model("bert", dropout=False), ner_file, epochs=1, lr=1e-3, checkpoint_every=-1, max_length=32)))
+    opts = cli_args(tok_opts(tmp_path, tiny_model("bert", dropout=False), ner_file, epochs=1, lr=1e-3,
+                             checkpoint_every=-1, max_length=32))
+    assert_two_processes_train_like_one(tmp_path, opts, cli)
