@@ -168,7 +168,36 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
         return already_finished(s)
     state = state or TrainerState()
     set_seed(cfg.seed)  # before building the top: a fresh classification head is drawn from this RNG
-    prev = None
+    try:
+        stage, prev = run_stages(s, ckpt, state)
+    except RuntimeError as e:
+        if s.accelerator.num_processes > 1 and lost_a_process(e):
+            raise PipelineError(
+                f"another process of this training stopped before the end ({first_line(e)[:160]}). The run keeps "
+                f"{s.run.path} and its last checkpoint ({last_checkpoint_words(s.run)}); start the same command with "
+                f"--resume on every node (and process) to continue from it.") from None
+        raise
+    return save_result(s, stage, state, prev)
+
+
+def lost_a_process(e: RuntimeError) -> bool:
+    """A collective broken by a process that is gone (a killed node, a lost machine): torch's distributed errors,
+    or the transport errors gloo and NCCL raise as plain RuntimeErrors (during backward's all-reduce)."""
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection reset",
+                                                                       "Connection closed"))
+
+
+def last_checkpoint_words(run: RunDir) -> str:
+    found = run.latest_checkpoint()
+    return f"{found[0]}, step {found[1].step}" if found else "none yet: --resume starts the run again"
+
+
+def run_stages(s: Session, ckpt: str | None, state: TrainerState):
+    """The stages from `state` on (gradual unfreezing: one per depth; otherwise one). Returns the last stage and
+    the top it ended with."""
+    cfg, prev = s.cfg, None
     for si in range((state.epoch - 1) // cfg.epochs, len(s.stages)):
         stage = build_stage(s, si, prev)
         start_stage(s, stage, ckpt, state)
@@ -183,7 +212,7 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
             s.accelerator.print(f"early stopping: {cfg.early_stopping_patience} evaluation(s) in a row without a "
                                 f"better validation {s.best[0]}")
             break
-    return save_result(s, stage, state, prev)
+    return stage, prev
 
 
 def setup(cfg: Config, cache_path: str | None, resume: bool, shared: dict | None):

@@ -221,3 +221,22 @@ def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resum
     assert "2 process(es)" in out0 and single.strip().splitlines()[-1] == out0.strip().splitlines()[-1]
     _assert_close(load_file(tmp_path / "shared" / "runs" / "one" / "top.safetensors"),
                   load_file(tmp_path / "shared" / "runs" / "two" / "top.safetensors"))
+
+    # a node killed mid-training: the other stops with where the run is and the --resume command, not the
+    # backend's traceback; both nodes started again with --resume finish the run from its checkpoint
+    longer = [*shared, "--run-name", "killed", "--epochs", 4, "--checkpoint-every", 10]
+    nodes = _two_nodes(tmp_path, "train", *longer, check=False)
+    ckpts = tmp_path / "shared" / "runs" / "killed" / "checkpoints"
+    t0 = time.time()
+    while not list(ckpts.glob("*/trainer_state.json")):
+        assert nodes[1].poll() is None and time.time() - t0 < 180, nodes[1].communicate()
+        time.sleep(0.01)
+    (worker,) = psutil.Process(nodes[1].pid).children(recursive=True)
+    worker.send_signal(signal.SIGKILL)
+    _, err0 = nodes[0].communicate(timeout=120)
+    nodes[1].communicate(timeout=120)
+    assert nodes[0].returncode != 0 and "error: another process of this training stopped before the end" in err0
+    assert "--resume on every node" in err0 and "[rank0]: Traceback" not in err0, err0[-3000:]
+    assert not (tmp_path / "shared" / "runs" / "killed" / "results.json").exists()
+    out0, _ = _two_nodes(tmp_path, "train", *longer, "--resume")
+    assert "resuming" in out0 and (tmp_path / "shared" / "runs" / "killed" / "results.json").exists()
