@@ -177,6 +177,21 @@ def _two_nodes(tmp_path, *args, check=True):
     return [o for o, _ in outs]
 
 
+def _kill_node_1(tmp_path, ready, *args) -> str:
+    """Start `args` on two nodes and SIGKILL node 1's worker as soon as ready() holds; both nodes must fail.
+    Returns what node 0 wrote to stderr."""
+    nodes, t0 = _two_nodes(tmp_path, *args, check=False), time.time()
+    while not ready():
+        assert nodes[1].poll() is None and time.time() - t0 < 180, nodes[1].communicate()
+        time.sleep(0.01)
+    (worker,) = psutil.Process(nodes[1].pid).children(recursive=True)
+    worker.send_signal(signal.SIGKILL)
+    _, err0 = nodes[0].communicate(timeout=120)
+    nodes[1].communicate(timeout=120)
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    return err0
+
+
 def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resumes(tmp_path, no_dropout_model,
                                                                                    corpus_csv, cli):
     data = corpus_csv(600)
@@ -189,17 +204,8 @@ def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resum
 
     # the first launch loses node 1 mid-precompute (SIGKILL): node 0 stops with a message, the work stays
     shared = cli_args({**opts, "cache_dir": tmp_path / "shared" / "cache"})
-    nodes = _two_nodes(tmp_path, "precompute", *shared, check=False)
     tmp = str(tmp_path / "shared" / "cache" / ref.name) + ".tmp"
-    t0 = time.time()
-    while committed_examples(tmp) < 100:
-        assert nodes[1].poll() is None and time.time() - t0 < 180, nodes[1].communicate()
-        time.sleep(0.01)
-    (worker,) = psutil.Process(nodes[1].pid).children(recursive=True)
-    worker.send_signal(signal.SIGKILL)
-    _, err0 = nodes[0].communicate(timeout=120)
-    nodes[1].communicate(timeout=120)
-    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    err0 = _kill_node_1(tmp_path, lambda: committed_examples(tmp) >= 100, "precompute", *shared)
     # what the surviving node's user reads: where the work is and how to resume, not the backend's traceback
     assert "error: another process of this precompute stopped before the end" in err0 and tmp in err0
     assert "start the same command again on every node" in err0 and "[rank0]: Traceback" not in err0
@@ -225,17 +231,9 @@ def test_two_nodes_precompute_and_train_like_one_process_and_a_killed_node_resum
     # a node killed mid-training: the other stops with where the run is and the --resume command, not the
     # backend's traceback; both nodes started again with --resume finish the run from its checkpoint
     longer = [*shared, "--run-name", "killed", "--epochs", 4, "--checkpoint-every", 10]
-    nodes = _two_nodes(tmp_path, "train", *longer, check=False)
     ckpts = tmp_path / "shared" / "runs" / "killed" / "checkpoints"
-    t0 = time.time()
-    while not list(ckpts.glob("*/trainer_state.json")):
-        assert nodes[1].poll() is None and time.time() - t0 < 180, nodes[1].communicate()
-        time.sleep(0.01)
-    (worker,) = psutil.Process(nodes[1].pid).children(recursive=True)
-    worker.send_signal(signal.SIGKILL)
-    _, err0 = nodes[0].communicate(timeout=120)
-    nodes[1].communicate(timeout=120)
-    assert nodes[0].returncode != 0 and "error: another process of this training stopped before the end" in err0
+    err0 = _kill_node_1(tmp_path, lambda: list(ckpts.glob("*/trainer_state.json")), "train", *longer)
+    assert "error: another process of this training stopped before the end" in err0
     assert "--resume on every node" in err0 and "[rank0]: Traceback" not in err0, err0[-3000:]
     assert not (tmp_path / "shared" / "runs" / "killed" / "results.json").exists()
     out0, _ = _two_nodes(tmp_path, "train", *longer, "--resume")
