@@ -8,6 +8,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
+from .errors import PipelineError, first_line
+
 
 PREPARE_TIMEOUT = timedelta(hours=6)
 
@@ -31,3 +33,16 @@ def share(state: PartialState, obj=None):
     if state.num_processes > 1:
         broadcast_object_list(box)
     return box[0]
+
+
+def lost_a_process(e: BaseException) -> bool:
+    """A collective broken by a process that is gone (a killed node, a lost machine): torch's distributed errors,
+    or the transport errors gloo and NCCL raise as plain RuntimeErrors (during backward's all-reduce)."""
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+
+
+def lost_process_error(command: str, e: BaseException, then: str) -> PipelineError:
+    """What the surviving processes say instead of the backend's traceback: what broke, then where the work is and
+    how to resume (`then`)."""
+    return PipelineError(f"another process of this {command} stopped before the end ({first_line(e)[:160]}). {then}")

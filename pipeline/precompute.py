@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from . import cache as C
 from .config import Config
 from .data import load_labeled, tag_index
-from .dist import process_state, share
-from .errors import PipelineError, first_line
+from .dist import lost_process_error, process_state, share
+from .errors import PipelineError
 from .fsutil import ensure_writable_dir, exclusive_lock, fsync_dir
 from .memory import release_heap
 from .tasks import task_for
@@ -129,10 +129,9 @@ def _wait_for_the_others(state, job: Job) -> None:
     try:
         state.wait_for_everyone()
     except RuntimeError as e:  # gloo: "Connection closed by peer"; NCCL: a watchdog or communicator error
-        raise PipelineError(
-            f"another process of this precompute stopped before the end ({first_line(e)[:160]}). The batches of "
-            f"every process committed so far stay in {job.tmp} ({C.committed(job.tmp)} of {job.totals['examples']} "
-            f"examples); start the same command again on every node (and process) to resume from them.") from None
+        raise lost_process_error("precompute", e, f"The batches of every process committed so far stay in {job.tmp} "
+                                 f"({C.committed(job.tmp)} of {job.totals['examples']} examples); start the same "
+                                 f"command again on every node (and process) to resume from them.") from None
 
 
 def _prepare(cfg: Config, out: str, force: bool) -> Job | None:

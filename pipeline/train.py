@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .cache import Batches, CachedSplit, open_cache, single_batch
 from .config import Config
-from .dist import process_state, share
+from .dist import lost_a_process, lost_process_error, process_state, share
 from .errors import PipelineError, first_line
 from .fsutil import ensure_writable_dir
 from .memory import release_heap
@@ -172,21 +172,11 @@ def train(cfg: Config, cache_path: str | None = None, resume: bool = False, shar
         stage, prev = run_stages(s, ckpt, state)
     except RuntimeError as e:
         if s.accelerator.num_processes > 1 and lost_a_process(e):
-            raise PipelineError(
-                f"another process of this training stopped before the end ({first_line(e)[:160]}). The run keeps "
-                f"{s.run.path} and its last checkpoint ({last_checkpoint_words(s.run)}); start the same command with "
-                f"--resume on every node (and process) to continue from it.") from None
+            raise lost_process_error("training", e, f"The run keeps {s.run.path} and its last checkpoint "
+                                     f"({last_checkpoint_words(s.run)}); start the same command with --resume on "
+                                     f"every node (and process) to continue from it.") from None
         raise
     return save_result(s, stage, state, prev)
-
-
-def lost_a_process(e: RuntimeError) -> bool:
-    """A collective broken by a process that is gone (a killed node, a lost machine): torch's distributed errors,
-    or the transport errors gloo and NCCL raise as plain RuntimeErrors (during backward's all-reduce)."""
-    import torch.distributed as dist
-
-    return isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection reset",
-                                                                       "Connection closed"))
 
 
 def last_checkpoint_words(run: RunDir) -> str:
